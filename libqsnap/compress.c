@@ -1,0 +1,131 @@
+/*
+ * compress.c - cluster codecs.
+ *
+ * Spec: docs/interop/qcow2.txt, "Compressed Clusters Descriptor" and the
+ * compression_type header field.  zlib clusters are raw deflate streams
+ * (no zlib header) with a 4 KiB window, as QEMU writes them; zstd clusters
+ * are one or more zstd frames.  Neither stores the compressed length
+ * exactly, so decoders stop once a whole cluster has been produced.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+#include <zlib.h>
+#include <zstd.h>
+#include <zstd_errors.h>
+
+#include "qs_int.h"
+
+static ssize_t deflate_cluster(void *dst, size_t dst_len, const void *src,
+                               size_t src_len)
+{
+    z_stream zs;
+    memset(&zs, 0, sizeof(zs));
+    if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                     Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -EIO;
+    }
+    zs.next_in = (Bytef *)src;
+    zs.avail_in = (uInt)src_len;
+    zs.next_out = dst;
+    zs.avail_out = (uInt)dst_len;
+    int r = deflate(&zs, Z_FINISH);
+    ssize_t ret =
+        r == Z_STREAM_END ? (ssize_t)(dst_len - zs.avail_out) : -ENOSPC;
+    deflateEnd(&zs);
+    return ret;
+}
+
+static int inflate_cluster(void *dst, size_t dst_len, const void *src,
+                           size_t src_len)
+{
+    z_stream zs;
+    memset(&zs, 0, sizeof(zs));
+    if (inflateInit2(&zs, -12) != Z_OK) {
+        return -EIO;
+    }
+    zs.next_in = (Bytef *)src;
+    zs.avail_in = (uInt)src_len;
+    zs.next_out = dst;
+    zs.avail_out = (uInt)dst_len;
+    int r = inflate(&zs, Z_FINISH);
+    /* A full output buffer ends the cluster even mid-stream. */
+    int ret = (r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) &&
+                      zs.avail_out == 0
+                  ? 0
+                  : -EIO;
+    inflateEnd(&zs);
+    return ret;
+}
+
+static ssize_t zstd_compress_cluster(void *dst, size_t dst_len, const void *src,
+                                     size_t src_len)
+{
+    size_t r = ZSTD_compress(dst, dst_len, src, src_len, ZSTD_CLEVEL_DEFAULT);
+    if (ZSTD_isError(r)) {
+        return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? -ENOSPC
+                                                                   : -EIO;
+    }
+    return (ssize_t)r;
+}
+
+static int zstd_decompress_cluster(void *dst, size_t dst_len, const void *src,
+                                   size_t src_len)
+{
+    ZSTD_DCtx *d = ZSTD_createDCtx();
+    if (!d) {
+        return -ENOMEM;
+    }
+    ZSTD_inBuffer in = {src, src_len, 0};
+    ZSTD_outBuffer out = {dst, dst_len, 0};
+    int ret = 0;
+    while (out.pos < out.size) {
+        size_t r = ZSTD_decompressStream(d, &out, &in);
+        if (ZSTD_isError(r)) {
+            ret = -EIO;
+            break;
+        }
+        if (in.pos == in.size && out.pos < out.size) {
+            /* Input exhausted: decoding made progress or never will. */
+            if (r == 0) {
+                ret = -EIO;
+                break;
+            }
+            size_t before = out.pos;
+            r = ZSTD_decompressStream(d, &out, &in);
+            if (ZSTD_isError(r) || out.pos == before) {
+                ret = -EIO;
+                break;
+            }
+        }
+    }
+    ZSTD_freeDCtx(d);
+    return ret;
+}
+
+ssize_t qs_compress(int type, void *dst, size_t dst_len, const void *src,
+                    size_t src_len)
+{
+    switch (type) {
+    case QSNAP_COMPRESSION_ZLIB:
+        return deflate_cluster(dst, dst_len, src, src_len);
+    case QSNAP_COMPRESSION_ZSTD:
+        return zstd_compress_cluster(dst, dst_len, src, src_len);
+    default:
+        return -ENOTSUP;
+    }
+}
+
+int qs_decompress(int type, void *dst, size_t dst_len, const void *src,
+                  size_t src_len)
+{
+    switch (type) {
+    case QSNAP_COMPRESSION_ZLIB:
+        return inflate_cluster(dst, dst_len, src, src_len);
+    case QSNAP_COMPRESSION_ZSTD:
+        return zstd_decompress_cluster(dst, dst_len, src, src_len);
+    default:
+        return -ENOTSUP;
+    }
+}

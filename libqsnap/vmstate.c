@@ -1,0 +1,1000 @@
+/*
+ * vmstate.c - VM state in the image: the checkpoint transaction (save
+ * side), VM state readers (restore side) and the section container.
+ *
+ * Where the state lives (QEMU-compatible): at guest offset
+ * ceil(disk_size / span) * span of the active L1, span being the bytes one
+ * L2 table maps.  It is written there before the snapshot is created, so
+ * the snapshot's L1 captures it, and dropped from the active L1 after.
+ *
+ * The section container is qsnap's own format, docs/vmstate-format.md:
+ *
+ *   superblock (64 bytes at offset 0; 4 KiB reserved)
+ *     0 magic "QSNAPVMS"   8 version (1)   12 chunk_size   16 n_sections
+ *     20 reserved   24 dir_offset   32 dir_size   40 dir_hash (XXH64)
+ *     48 data_end   56 sb_hash (XXH64 of bytes 0..55)
+ *   chunk data (zstd frames or raw bytes), back to back
+ *   directory at dir_offset, per section:
+ *     0 name_len (u16)  2 reserved (6)  8 size  16 n_chunks
+ *     24 section_hash: XXH64 (seed = size) of its chunk records
+ *     32 name, zero-padded to a multiple of 8
+ *     then n_chunks records of 24 bytes:
+ *       0 offset  8 stored_len (u32)  12 kind (u32: 0 zero, 1 zstd, 2 raw)
+ *       16 XXH64 of the chunk's uncompressed bytes
+ *   All integers big-endian.
+ *
+ * Invariants:
+ *   1. Before commit no snapshot entry exists: an interrupted checkpoint
+ *      leaves at most clusters in the active VM state area, which the next
+ *      checkpoint (or abort) drops.
+ *   2. Every container field is validated against the area's size before
+ *      use; every chunk read is checked against its hash; the chunk table
+ *      of a section is checked against the section hash when opened.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#include "qs_int.h"
+
+#define VMS_MAGIC "QSNAPVMS"
+#define VMS_VERSION 1u
+#define VMS_SB_LEN 64u
+#define VMS_DATA_START 4096u
+#define VMS_CHUNK_SIZE (128u << 10)
+#define VMS_MIN_CHUNK (4u << 10)
+#define VMS_MAX_CHUNK (16u << 20)
+#define VMS_MAX_DIR (64u << 20)
+#define VMS_MAX_SECTIONS 65536u
+#define VMS_MAX_NAME 255u
+#define VMS_OUTBUF (4u << 20)
+
+enum { CHUNK_ZERO = 0, CHUNK_ZSTD = 1, CHUNK_RAW = 2 };
+
+struct chunk_rec {
+    uint64_t offset;
+    uint32_t stored_len;
+    uint32_t kind;
+    uint64_t hash;
+};
+
+struct section {
+    char name[VMS_MAX_NAME + 1];
+    uint64_t size;
+    uint64_t n_chunks;
+    uint64_t stored;
+    struct chunk_rec *chunks;
+    uint64_t cap_chunks;
+};
+
+uint64_t qs_vmstate_offset(const struct qsnap_image *img, uint64_t disk_size)
+{
+    const uint32_t span_bits = img->cluster_bits + img->l2_bits;
+    return ((disk_size + (1ull << span_bits) - 1) >> span_bits) << span_bits;
+}
+
+int qs_vmstate_drop(struct qsnap_image *img)
+{
+    const uint32_t span_bits = img->cluster_bits + img->l2_bits;
+    const uint64_t first =
+        qs_vmstate_offset(img, img->virtual_size) >> span_bits;
+    bool any = false;
+    for (uint64_t i = first; i < img->l1_size; i++) {
+        if (img->l1[i] & QS_L1E_OFFSET_MASK) {
+            any = true;
+            break;
+        }
+    }
+    if (!any) {
+        return 0;
+    }
+    /* Release the tree, then clear the entries; the frees wait until the
+     * cleared L1 is on disk (qs_settle syncs before it drains). */
+    int ret = qs_tree_refcount(img, img->l1 + first,
+                               (uint32_t)(img->l1_size - first), -1, false);
+    if (ret < 0) {
+        return ret;
+    }
+    for (uint64_t i = first; i < img->l1_size; i++) {
+        if (img->l1[i]) {
+            img->l1[i] = 0;
+            if (!img->l1_dirty) {
+                img->l1_dirty = true;
+                img->l1_dirty_lo = (uint32_t)i;
+                img->l1_dirty_hi = (uint32_t)i;
+            }
+            img->l1_dirty_lo = QS_MIN(img->l1_dirty_lo, (uint32_t)i);
+            img->l1_dirty_hi = QS_MAX(img->l1_dirty_hi, (uint32_t)i);
+        }
+    }
+    return qs_settle(img);
+}
+
+/* ------------------------------------------------------------ save */
+
+struct qsnap_checkpoint {
+    struct qsnap_image *img;
+    char *name;
+    struct qsnap_snapshot_opts opts;
+    unsigned flags;
+    uint64_t base; /* guest offset of the VM state area */
+    uint64_t pos;  /* raw: bytes written; sections: end of chunk data */
+    int error;     /* sticky: a failed write dooms the checkpoint */
+
+    /* section container writer */
+    struct section *sections;
+    uint32_t n_sections;
+    bool in_section;
+    uint8_t *chunk;
+    uint32_t chunk_fill;
+    uint8_t *out;
+    size_t out_fill;
+    uint64_t out_pos; /* container offset of out[0] */
+    ZSTD_CCtx *cctx;
+};
+
+static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
+                      uint64_t off)
+{
+    struct qsnap_image *img = ck->img;
+    struct iovec v = {(void *)buf, len};
+    if (!len) {
+        return 0;
+    }
+    pthread_rwlock_wrlock(&img->lock);
+    int ret = img->corrupt ? -EROFS : qs_write(img, &v, 1, ck->base + off, len);
+    pthread_rwlock_unlock(&img->lock);
+    return ret;
+}
+
+static int out_flush(struct qsnap_checkpoint *ck)
+{
+    int ret = area_write(ck, ck->out, ck->out_fill, ck->out_pos);
+    ck->out_pos += ck->out_fill;
+    ck->out_fill = 0;
+    return ret;
+}
+
+static int out_put(struct qsnap_checkpoint *ck, const void *p, size_t len)
+{
+    while (len) {
+        const size_t n = QS_MIN(len, VMS_OUTBUF - ck->out_fill);
+        memcpy(ck->out + ck->out_fill, p, n);
+        ck->out_fill += n;
+        p = (const uint8_t *)p + n;
+        len -= n;
+        if (ck->out_fill == VMS_OUTBUF) {
+            int ret = out_flush(ck);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+    }
+    return 0;
+}
+
+static bool all_zero(const uint8_t *p, size_t len)
+{
+    /* Word at a time; buffers come from malloc, so aligned. */
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        if (w) {
+            return false;
+        }
+    }
+    for (; i < len; i++) {
+        if (p[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static int chunk_flush(struct qsnap_checkpoint *ck)
+{
+    struct section *s = &ck->sections[ck->n_sections - 1];
+    const size_t len = ck->chunk_fill;
+    if (!len) {
+        return 0;
+    }
+    if (s->n_chunks == s->cap_chunks) {
+        uint64_t cap = s->cap_chunks ? s->cap_chunks * 2 : 64;
+        struct chunk_rec *c = realloc(s->chunks, cap * sizeof(*c));
+        if (!c) {
+            return -ENOMEM;
+        }
+        s->chunks = c;
+        s->cap_chunks = cap;
+    }
+    struct chunk_rec *r = &s->chunks[s->n_chunks++];
+    r->hash = XXH64(ck->chunk, len, 0);
+    r->offset = ck->out_pos + ck->out_fill;
+    ck->chunk_fill = 0;
+    if (all_zero(ck->chunk, len)) {
+        r->kind = CHUNK_ZERO;
+        r->stored_len = 0;
+        r->offset = 0;
+        return 0;
+    }
+    const size_t bound = ZSTD_compressBound(VMS_CHUNK_SIZE);
+    uint8_t *z = malloc(bound);
+    if (!z) {
+        return -ENOMEM;
+    }
+    size_t zl = ZSTD_compressCCtx(ck->cctx, z, bound, ck->chunk, len, 1);
+    int ret;
+    if (!ZSTD_isError(zl) && zl < len) {
+        r->kind = CHUNK_ZSTD;
+        r->stored_len = (uint32_t)zl;
+        ret = out_put(ck, z, zl);
+    } else {
+        r->kind = CHUNK_RAW;
+        r->stored_len = (uint32_t)len;
+        ret = out_put(ck, ck->chunk, len);
+    }
+    s->stored += r->stored_len;
+    free(z);
+    return ret;
+}
+
+static void ck_free(struct qsnap_checkpoint *ck)
+{
+    for (uint32_t i = 0; i < ck->n_sections; i++) {
+        free(ck->sections[i].chunks);
+    }
+    free(ck->sections);
+    free(ck->chunk);
+    free(ck->out);
+    ZSTD_freeCCtx(ck->cctx);
+    free(ck->name);
+    free(ck);
+}
+
+QSNAP_API int qsnap_checkpoint_begin(qsnap_image *img, const char *name,
+                                     const struct qsnap_snapshot_opts *opts,
+                                     unsigned flags, qsnap_checkpoint **out)
+{
+    if (!img || !out || (flags & ~(unsigned)QSNAP_CHECKPOINT_SECTIONS)) {
+        return -EINVAL;
+    }
+    struct qsnap_checkpoint *ck = calloc(1, sizeof(*ck));
+    if (!ck) {
+        return -ENOMEM;
+    }
+    qsnap_snapshot_opts_init(&ck->opts);
+    if (opts) {
+        memcpy(&ck->opts, opts, QS_MIN(opts->struct_size, sizeof(ck->opts)));
+    }
+    ck->img = img;
+    ck->flags = flags;
+    ck->name = name ? strdup(name) : NULL;
+    if (flags & QSNAP_CHECKPOINT_SECTIONS) {
+        ck->chunk = malloc(VMS_CHUNK_SIZE);
+        ck->out = malloc(VMS_OUTBUF);
+        ck->cctx = ZSTD_createCCtx();
+        ck->pos = VMS_DATA_START;
+        ck->out_pos = VMS_DATA_START;
+    }
+    if ((name && !ck->name) || ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
+                                (!ck->chunk || !ck->out || !ck->cctx))) {
+        ck_free(ck);
+        return -ENOMEM;
+    }
+
+    pthread_rwlock_wrlock(&img->lock);
+    int ret = 0;
+    if (img->format != QSNAP_FMT_QCOW2 || !img->rw || img->corrupt) {
+        ret = qs_error(img, -EROFS,
+                       "%s: checkpoints need a writable qcow2 "
+                       "image",
+                       img->filename);
+    } else if (img->ckpt) {
+        ret = qs_error(img, -EBUSY, "%s: a checkpoint is already open",
+                       img->filename);
+    } else {
+        ret = qs_snapshot_check_name(img, name);
+    }
+    if (ret == 0 && img->refcount_max < 2) {
+        ret = qs_error(img, -EOVERFLOW,
+                       "%s: refcount_bits=1 images cannot hold snapshots",
+                       img->filename);
+    }
+    if (ret == 0) {
+        ret = qs_mark_dirty(img);
+    }
+    if (ret == 0) {
+        /* Leftovers of an interrupted checkpoint go first (invariant 1). */
+        ret = qs_vmstate_drop(img);
+    }
+    if (ret == 0) {
+        ck->base = qs_vmstate_offset(img, img->virtual_size);
+        img->ckpt = ck;
+    }
+    pthread_rwlock_unlock(&img->lock);
+    if (ret < 0) {
+        ck_free(ck);
+        return ret;
+    }
+    *out = ck;
+    return 0;
+}
+
+static int ck_usable(struct qsnap_checkpoint *ck, bool sections)
+{
+    if (!ck) {
+        return -EINVAL;
+    }
+    if (ck->error) {
+        return ck->error;
+    }
+    if (!!(ck->flags & QSNAP_CHECKPOINT_SECTIONS) != sections) {
+        return qs_error(ck->img, -EINVAL,
+                        "%s: checkpoint '%s' was begun for %s",
+                        ck->img->filename, ck->name,
+                        sections ? "raw VM state" : "sections");
+    }
+    return 0;
+}
+
+QSNAP_API int qsnap_checkpoint_write(qsnap_checkpoint *ck, const void *buf,
+                                     size_t len)
+{
+    int ret = ck_usable(ck, false);
+    if (ret == 0 && len && !buf) {
+        ret = -EINVAL;
+    }
+    if (ret == 0) {
+        ret = area_write(ck, buf, len, ck->pos);
+    }
+    if (ret < 0) {
+        ck->error = ck->error ? ck->error : ret;
+        return ret;
+    }
+    ck->pos += len;
+    return 0;
+}
+
+QSNAP_API int qsnap_checkpoint_section_begin(qsnap_checkpoint *ck,
+                                             const char *name)
+{
+    int ret = ck_usable(ck, true);
+    if (ret < 0) {
+        return ret;
+    }
+    struct qsnap_image *img = ck->img;
+    if (ck->in_section) {
+        return qs_error(img, -EINVAL, "%s: section '%s' is still open",
+                        img->filename, ck->sections[ck->n_sections - 1].name);
+    }
+    if (!name || !name[0] || strlen(name) > VMS_MAX_NAME) {
+        return qs_error(img, -EINVAL, "%s: section names must be 1 to %u bytes",
+                        img->filename, VMS_MAX_NAME);
+    }
+    for (uint32_t i = 0; i < ck->n_sections; i++) {
+        if (strcmp(ck->sections[i].name, name) == 0) {
+            return qs_error(img, -EEXIST, "%s: section '%s' already exists",
+                            img->filename, name);
+        }
+    }
+    if (ck->n_sections >= VMS_MAX_SECTIONS) {
+        return qs_error(img, -EFBIG, "%s: too many sections", img->filename);
+    }
+    struct section *s =
+        realloc(ck->sections, (ck->n_sections + 1) * sizeof(*s));
+    if (!s) {
+        return -ENOMEM;
+    }
+    ck->sections = s;
+    s = &ck->sections[ck->n_sections++];
+    memset(s, 0, sizeof(*s));
+    snprintf(s->name, sizeof(s->name), "%s", name);
+    ck->in_section = true;
+    ck->chunk_fill = 0;
+    return 0;
+}
+
+QSNAP_API int qsnap_checkpoint_section_write(qsnap_checkpoint *ck,
+                                             const void *buf, size_t len)
+{
+    int ret = ck_usable(ck, true);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!ck->in_section) {
+        return qs_error(ck->img, -EINVAL, "%s: no section is open",
+                        ck->img->filename);
+    }
+    struct section *s = &ck->sections[ck->n_sections - 1];
+    const uint8_t *p = buf;
+    while (len && ret == 0) {
+        const size_t n = QS_MIN(len, VMS_CHUNK_SIZE - ck->chunk_fill);
+        memcpy(ck->chunk + ck->chunk_fill, p, n);
+        ck->chunk_fill += (uint32_t)n;
+        s->size += n;
+        p += n;
+        len -= n;
+        if (ck->chunk_fill == VMS_CHUNK_SIZE) {
+            ret = chunk_flush(ck);
+        }
+    }
+    if (ret < 0) {
+        ck->error = ret;
+    }
+    return ret;
+}
+
+QSNAP_API int qsnap_checkpoint_section_end(qsnap_checkpoint *ck)
+{
+    int ret = ck_usable(ck, true);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!ck->in_section) {
+        return qs_error(ck->img, -EINVAL, "%s: no section is open",
+                        ck->img->filename);
+    }
+    ret = chunk_flush(ck);
+    ck->in_section = false;
+    if (ret < 0) {
+        ck->error = ret;
+    }
+    return ret;
+}
+
+static uint64_t section_hash(const struct section *s, const uint8_t *recs)
+{
+    return XXH64(recs, s->n_chunks * 24, s->size);
+}
+
+static void encode_recs(const struct section *s, uint8_t *p)
+{
+    for (uint64_t c = 0; c < s->n_chunks; c++) {
+        const struct chunk_rec *r = &s->chunks[c];
+        qs_be64_store(p + c * 24, r->offset);
+        qs_be32_store(p + c * 24 + 8, r->stored_len);
+        qs_be32_store(p + c * 24 + 12, r->kind);
+        qs_be64_store(p + c * 24 + 16, r->hash);
+    }
+}
+
+/* Directory and superblock; returns the container's total size. */
+static int finish_container(struct qsnap_checkpoint *ck, uint64_t *total)
+{
+    int ret = out_flush(ck);
+    if (ret < 0) {
+        return ret;
+    }
+    const uint64_t dir_off = ck->out_pos;
+    uint64_t dir_size = 0;
+    for (uint32_t i = 0; i < ck->n_sections; i++) {
+        const struct section *s = &ck->sections[i];
+        dir_size +=
+            32 + ((strlen(s->name) + 7) & ~(size_t)7) + s->n_chunks * 24;
+    }
+    if (dir_size > VMS_MAX_DIR) {
+        return qs_error(ck->img, -EFBIG,
+                        "%s: VM state directory of %" PRIu64
+                        " bytes is too large",
+                        ck->img->filename, dir_size);
+    }
+    uint8_t *dir = calloc(1, dir_size ? dir_size : 1);
+    if (!dir) {
+        return -ENOMEM;
+    }
+    uint8_t *p = dir;
+    for (uint32_t i = 0; i < ck->n_sections; i++) {
+        const struct section *s = &ck->sections[i];
+        const size_t nl = strlen(s->name);
+        const size_t name_pad = (nl + 7) & ~(size_t)7;
+        qs_be16_store(p, (uint16_t)nl);
+        qs_be64_store(p + 8, s->size);
+        qs_be64_store(p + 16, s->n_chunks);
+        memcpy(p + 32, s->name, nl);
+        uint8_t *recs = p + 32 + name_pad;
+        encode_recs(s, recs);
+        qs_be64_store(p + 24, section_hash(s, recs));
+        p = recs + s->n_chunks * 24;
+    }
+    ret = area_write(ck, dir, dir_size, dir_off);
+    uint8_t sb[VMS_SB_LEN];
+    memset(sb, 0, sizeof(sb));
+    memcpy(sb, VMS_MAGIC, 8);
+    qs_be32_store(sb + 8, VMS_VERSION);
+    qs_be32_store(sb + 12, VMS_CHUNK_SIZE);
+    qs_be32_store(sb + 16, ck->n_sections);
+    qs_be64_store(sb + 24, dir_off);
+    qs_be64_store(sb + 32, dir_size);
+    qs_be64_store(sb + 40, XXH64(dir, dir_size, 0));
+    qs_be64_store(sb + 48, dir_off);
+    qs_be64_store(sb + 56, XXH64(sb, 56, 0));
+    free(dir);
+    if (ret == 0) {
+        ret = area_write(ck, sb, sizeof(sb), 0);
+    }
+    *total = dir_off + dir_size;
+    return ret;
+}
+
+static void ck_detach(struct qsnap_checkpoint *ck)
+{
+    if (ck->img->ckpt == ck) {
+        ck->img->ckpt = NULL;
+    }
+}
+
+QSNAP_API int qsnap_checkpoint_commit(qsnap_checkpoint *ck)
+{
+    if (!ck) {
+        return -EINVAL;
+    }
+    struct qsnap_image *img = ck->img;
+    int ret = ck->error;
+    uint64_t size = ck->pos;
+    if (ret == 0 && (ck->flags & QSNAP_CHECKPOINT_SECTIONS)) {
+        if (ck->in_section) {
+            ret = qsnap_checkpoint_section_end(ck);
+        }
+        if (ret == 0) {
+            ret = finish_container(ck, &size);
+        }
+    }
+    pthread_rwlock_wrlock(&img->lock);
+    if (ret == 0) {
+        ret = qs_snapshot_create_locked(img, ck->name, &ck->opts, size);
+    }
+    /* Committed or not, the live disk drops the area (invariant 1). */
+    int r2 = img->corrupt ? 0 : qs_vmstate_drop(img);
+    ck_detach(ck);
+    pthread_rwlock_unlock(&img->lock);
+    ck_free(ck);
+    return ret < 0 ? ret : r2;
+}
+
+QSNAP_API int qsnap_checkpoint_abort(qsnap_checkpoint *ck)
+{
+    if (!ck) {
+        return -EINVAL;
+    }
+    struct qsnap_image *img = ck->img;
+    pthread_rwlock_wrlock(&img->lock);
+    int ret = img->corrupt ? 0 : qs_vmstate_drop(img);
+    ck_detach(ck);
+    pthread_rwlock_unlock(&img->lock);
+    ck_free(ck);
+    return ret;
+}
+
+/* ------------------------------------------------------------ restore */
+
+struct qsnap_vmstate {
+    struct qsnap_view view; /* registers the reader, pins the snapshot */
+    uint64_t base;
+    uint64_t size;
+    bool container;
+    uint32_t chunk_size;
+    uint64_t data_end;
+    struct section *sections;
+    uint32_t n_sections;
+
+    pthread_mutex_t mtx; /* guards the decoded-chunk cache */
+    uint8_t *cbuf;
+    int64_t cached_sec;
+    uint64_t cached_chunk;
+    ZSTD_DCtx *dctx;
+};
+
+static int area_read(struct qsnap_vmstate *vs, void *buf, size_t len,
+                     uint64_t off)
+{
+    struct qsnap_image *img = vs->view.img;
+    struct iovec v = {buf, len};
+    if (!len) {
+        return 0;
+    }
+    pthread_rwlock_rdlock(&img->lock);
+    int ret = qs_read_l1(img, vs->view.l1, vs->view.l1_size, &v, 1,
+                         vs->base + off, len);
+    pthread_rwlock_unlock(&img->lock);
+    return ret;
+}
+
+static int parse_container(struct qsnap_vmstate *vs, const char *fn,
+                           const char *snap)
+{
+    struct qsnap_image *img = vs->view.img;
+    uint8_t sb[VMS_SB_LEN];
+    int ret = area_read(vs, sb, sizeof(sb), 0);
+    if (ret < 0) {
+        return ret;
+    }
+    if (memcmp(sb, VMS_MAGIC, 8) != 0) {
+        return 0; /* a raw stream (QEMU's) */
+    }
+    vs->container = true;
+#define BADC(...) return QS_CORRUPT(img, __VA_ARGS__)
+    if (qs_be64_load(sb + 56) != XXH64(sb, 56, 0)) {
+        BADC("%s: snapshot %s: VM state container superblock checksum "
+             "mismatch",
+             fn, snap);
+    }
+    const uint32_t version = qs_be32_load(sb + 8);
+    vs->chunk_size = qs_be32_load(sb + 12);
+    vs->n_sections = qs_be32_load(sb + 16);
+    const uint64_t dir_off = qs_be64_load(sb + 24);
+    const uint64_t dir_size = qs_be64_load(sb + 32);
+    vs->data_end = qs_be64_load(sb + 48);
+    if (version != VMS_VERSION) {
+        return qs_error(img, -ENOTSUP,
+                        "%s: snapshot %s: VM state container version %u "
+                        "is not supported",
+                        fn, snap, version);
+    }
+    if (vs->chunk_size < VMS_MIN_CHUNK || vs->chunk_size > VMS_MAX_CHUNK) {
+        BADC("%s: snapshot %s: VM state chunk_size %u out of range", fn, snap,
+             vs->chunk_size);
+    }
+    if (vs->n_sections > VMS_MAX_SECTIONS || dir_size > VMS_MAX_DIR ||
+        dir_off < VMS_DATA_START || dir_off > vs->size ||
+        dir_size > vs->size - dir_off || vs->data_end > dir_off) {
+        BADC("%s: snapshot %s: VM state directory (offset %" PRIu64 ", %" PRIu64
+             " bytes, %u sections) lies outside the %" PRIu64 "-byte state",
+             fn, snap, dir_off, dir_size, vs->n_sections, vs->size);
+    }
+    uint8_t *dir = malloc(dir_size ? dir_size : 1);
+    if (!dir) {
+        return -ENOMEM;
+    }
+    ret = area_read(vs, dir, dir_size, dir_off);
+    if (ret == 0 && qs_be64_load(sb + 40) != XXH64(dir, dir_size, 0)) {
+        ret = QS_CORRUPT(img,
+                         "%s: snapshot %s: VM state directory checksum "
+                         "mismatch",
+                         fn, snap);
+    }
+    vs->sections =
+        calloc(vs->n_sections ? vs->n_sections : 1, sizeof(*vs->sections));
+    if (ret == 0 && !vs->sections) {
+        ret = -ENOMEM;
+    }
+    uint64_t pos = 0;
+    const size_t bound = ZSTD_compressBound(vs->chunk_size);
+    for (uint32_t i = 0; ret == 0 && i < vs->n_sections; i++) {
+        struct section *s = &vs->sections[i];
+        if (dir_size - pos < 32) {
+            ret = QS_CORRUPT(img,
+                             "%s: snapshot %s: VM state directory "
+                             "truncated at section %u",
+                             fn, snap, i);
+            break;
+        }
+        const uint8_t *p = dir + pos;
+        const uint32_t nl = qs_be16_load(p);
+        s->size = qs_be64_load(p + 8);
+        s->n_chunks = qs_be64_load(p + 16);
+        const uint64_t want_chunks =
+            s->size / vs->chunk_size + (s->size % vs->chunk_size != 0);
+        const uint64_t name_pad = (nl + 7) & ~7u;
+        if (nl == 0 || nl > VMS_MAX_NAME || s->n_chunks != want_chunks ||
+            s->n_chunks > (dir_size - pos - 32) / 24 ||
+            name_pad + s->n_chunks * 24 > dir_size - pos - 32) {
+            ret = QS_CORRUPT(img,
+                             "%s: snapshot %s: VM state section %u has "
+                             "name length %u, size %" PRIu64 " and %" PRIu64
+                             " chunks, which do not fit",
+                             fn, snap, i, nl, s->size, s->n_chunks);
+            break;
+        }
+        memcpy(s->name, p + 32, nl);
+        s->name[nl] = '\0';
+        const uint8_t *recs = p + 32 + name_pad;
+        if (qs_be64_load(p + 24) != section_hash(s, recs)) {
+            ret = QS_CORRUPT(img,
+                             "%s: snapshot %s: VM state section '%s': chunk "
+                             "table checksum mismatch",
+                             fn, snap, s->name);
+            break;
+        }
+        s->chunks = calloc(s->n_chunks ? s->n_chunks : 1, sizeof(*s->chunks));
+        if (!s->chunks) {
+            ret = -ENOMEM;
+            break;
+        }
+        for (uint64_t c = 0; c < s->n_chunks; c++) {
+            struct chunk_rec *r = &s->chunks[c];
+            r->offset = qs_be64_load(recs + c * 24);
+            r->stored_len = qs_be32_load(recs + c * 24 + 8);
+            r->kind = qs_be32_load(recs + c * 24 + 12);
+            r->hash = qs_be64_load(recs + c * 24 + 16);
+            const uint64_t clen =
+                QS_MIN(vs->chunk_size, s->size - c * vs->chunk_size);
+            bool ok;
+            switch (r->kind) {
+            case CHUNK_ZERO:
+                ok = r->stored_len == 0;
+                break;
+            case CHUNK_ZSTD:
+                ok = r->stored_len > 0 && r->stored_len <= bound;
+                break;
+            case CHUNK_RAW:
+                ok = r->stored_len == clen;
+                break;
+            default:
+                ok = false;
+            }
+            if (ok && r->kind != CHUNK_ZERO &&
+                (r->offset < VMS_DATA_START || r->offset > vs->data_end ||
+                 r->stored_len > vs->data_end - r->offset)) {
+                ok = false;
+            }
+            if (!ok) {
+                ret = QS_CORRUPT(
+                    img,
+                    "%s: snapshot %s: VM state section '%s' "
+                    "chunk %" PRIu64 ": kind %u, %u bytes at %" PRIu64
+                    " is invalid",
+                    fn, snap, s->name, c, r->kind, r->stored_len, r->offset);
+                break;
+            }
+            s->stored += r->stored_len;
+        }
+        pos += 32 + name_pad + s->n_chunks * 24;
+    }
+#undef BADC
+    free(dir);
+    if (ret == 0) {
+        vs->cbuf = malloc(vs->chunk_size);
+        vs->dctx = ZSTD_createDCtx();
+        if (!vs->cbuf || !vs->dctx) {
+            ret = -ENOMEM;
+        }
+    }
+    return ret;
+}
+
+static void vs_free(struct qsnap_vmstate *vs)
+{
+    if (vs->sections) {
+        for (uint32_t i = 0; i < vs->n_sections; i++) {
+            free(vs->sections[i].chunks);
+        }
+    }
+    free(vs->sections);
+    free(vs->cbuf);
+    ZSTD_freeDCtx(vs->dctx);
+    free(vs->view.l1);
+    pthread_mutex_destroy(&vs->mtx);
+    free(vs);
+}
+
+QSNAP_API int qsnap_vmstate_open(qsnap_image *img, const char *id_or_name,
+                                 qsnap_vmstate **out)
+{
+    if (!img || !out) {
+        return -EINVAL;
+    }
+    struct qsnap_vmstate *vs = calloc(1, sizeof(*vs));
+    if (!vs) {
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&vs->mtx, NULL);
+    vs->cached_sec = -1;
+    pthread_rwlock_wrlock(&img->lock);
+    int idx = img->format == QSNAP_FMT_QCOW2
+                  ? qs_snapshot_lookup(img, id_or_name)
+                  : qs_error(img, -ENOENT,
+                             "%s: raw images have no "
+                             "snapshots",
+                             img->filename);
+    int ret = idx < 0 ? idx : 0;
+    char snap[64] = "";
+    if (ret == 0) {
+        const struct qs_snapshot *sn = &img->snapshots[idx];
+        snprintf(snap, sizeof(snap), "%.60s", sn->name);
+        if (sn->vm_state_size == 0) {
+            ret = qs_error(img, -ENODATA,
+                           "%s: snapshot '%s' (ID %s) has no VM state",
+                           img->filename, sn->name, sn->id);
+        } else {
+            ret = qs_l1_load(img, sn->l1_offset, sn->l1_size, &vs->view.l1);
+            vs->view.img = img;
+            vs->view.l1_offset = sn->l1_offset;
+            vs->view.l1_size = sn->l1_size;
+            vs->view.size = sn->disk_size;
+            vs->base = qs_vmstate_offset(img, sn->disk_size);
+            vs->size = sn->vm_state_size;
+        }
+    }
+    if (ret == 0) {
+        vs->view.next = img->views;
+        img->views = &vs->view;
+    }
+    pthread_rwlock_unlock(&img->lock);
+    if (ret == 0 && vs->size >= VMS_SB_LEN) {
+        ret = parse_container(vs, img->filename, snap);
+        if (ret < 0) {
+            qsnap_vmstate_close(vs);
+            return ret;
+        }
+    }
+    if (ret < 0) {
+        vs_free(vs);
+        return ret;
+    }
+    *out = vs;
+    return 0;
+}
+
+QSNAP_API uint64_t qsnap_vmstate_size(const qsnap_vmstate *vs)
+{
+    return vs ? vs->size : 0;
+}
+
+QSNAP_API bool qsnap_vmstate_has_sections(const qsnap_vmstate *vs)
+{
+    return vs && vs->container;
+}
+
+QSNAP_API const char *qsnap_vmstate_errmsg(const qsnap_vmstate *vs)
+{
+    return vs ? qsnap_errmsg(vs->view.img) : "";
+}
+
+QSNAP_API int qsnap_vmstate_pread(qsnap_vmstate *vs, void *buf, size_t len,
+                                  uint64_t offset)
+{
+    if (!vs || (len && !buf)) {
+        return -EINVAL;
+    }
+    if (offset > vs->size || len > vs->size - offset) {
+        return qs_error(vs->view.img, -EINVAL,
+                        "%s: VM state read at %" PRIu64 " length %zu is "
+                        "beyond its size %" PRIu64,
+                        vs->view.img->filename, offset, len, vs->size);
+    }
+    return area_read(vs, buf, len, offset);
+}
+
+QSNAP_API int qsnap_vmstate_sections(qsnap_vmstate *vs,
+                                     struct qsnap_section_info **list,
+                                     uint32_t *count)
+{
+    if (!vs || !list || !count) {
+        return -EINVAL;
+    }
+    const uint32_t n = vs->container ? vs->n_sections : 0;
+    struct qsnap_section_info *l = calloc(n ? n : 1, sizeof(*l));
+    if (!l) {
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        l[i].struct_size = sizeof(l[i]);
+        snprintf(l[i].name, sizeof(l[i].name), "%s", vs->sections[i].name);
+        l[i].size = vs->sections[i].size;
+        l[i].stored_size = vs->sections[i].stored;
+    }
+    *list = l;
+    *count = n;
+    return 0;
+}
+
+/* Decodes chunk c of section si into vs->cbuf (mtx held). */
+static int load_chunk(struct qsnap_vmstate *vs, uint32_t si, uint64_t c)
+{
+    struct qsnap_image *img = vs->view.img;
+    const struct section *s = &vs->sections[si];
+    const struct chunk_rec *r = &s->chunks[c];
+    const uint64_t clen = QS_MIN(vs->chunk_size, s->size - c * vs->chunk_size);
+    int ret = 0;
+
+    if (vs->cached_sec == (int64_t)si && vs->cached_chunk == c) {
+        return 0;
+    }
+    vs->cached_sec = -1;
+    if (r->kind == CHUNK_ZERO) {
+        memset(vs->cbuf, 0, clen);
+    } else if (r->kind == CHUNK_RAW) {
+        ret = area_read(vs, vs->cbuf, clen, r->offset);
+    } else {
+        uint8_t *z = malloc(r->stored_len);
+        if (!z) {
+            return -ENOMEM;
+        }
+        ret = area_read(vs, z, r->stored_len, r->offset);
+        if (ret == 0) {
+            size_t d =
+                ZSTD_decompressDCtx(vs->dctx, vs->cbuf, clen, z, r->stored_len);
+            if (ZSTD_isError(d) || d != clen) {
+                ret = QS_CORRUPT(img,
+                                 "%s: VM state section '%s' chunk %" PRIu64
+                                 " does not decompress to %" PRIu64 " bytes",
+                                 img->filename, s->name, c, clen);
+            }
+        }
+        free(z);
+    }
+    if (ret == 0 && XXH64(vs->cbuf, clen, 0) != r->hash) {
+        ret = QS_CORRUPT(img,
+                         "%s: VM state section '%s' chunk %" PRIu64
+                         ": checksum mismatch",
+                         img->filename, s->name, c);
+    }
+    if (ret == 0) {
+        vs->cached_sec = si;
+        vs->cached_chunk = c;
+    }
+    return ret;
+}
+
+QSNAP_API int qsnap_vmstate_section_pread(qsnap_vmstate *vs,
+                                          const char *section, void *buf,
+                                          size_t len, uint64_t offset)
+{
+    if (!vs || !section || (len && !buf)) {
+        return -EINVAL;
+    }
+    struct qsnap_image *img = vs->view.img;
+    int64_t si = -1;
+    for (uint32_t i = 0; vs->container && i < vs->n_sections; i++) {
+        if (strcmp(vs->sections[i].name, section) == 0) {
+            si = i;
+            break;
+        }
+    }
+    if (si < 0) {
+        return qs_error(img, -ENOENT, "%s: no VM state section '%s'",
+                        img->filename, section);
+    }
+    const struct section *s = &vs->sections[si];
+    if (offset > s->size || len > s->size - offset) {
+        return qs_error(img, -EINVAL,
+                        "%s: read at %" PRIu64 " length %zu is beyond "
+                        "section '%s' (%" PRIu64 " bytes)",
+                        img->filename, offset, len, s->name, s->size);
+    }
+    pthread_mutex_lock(&vs->mtx);
+    int ret = 0;
+    uint8_t *p = buf;
+    while (len && ret == 0) {
+        const uint64_t c = offset / vs->chunk_size;
+        const uint64_t in = offset % vs->chunk_size;
+        ret = load_chunk(vs, (uint32_t)si, c);
+        if (ret < 0) {
+            break;
+        }
+        const uint64_t clen =
+            QS_MIN(vs->chunk_size, s->size - c * vs->chunk_size);
+        const size_t n = (size_t)QS_MIN(len, clen - in);
+        memcpy(p, vs->cbuf + in, n);
+        p += n;
+        offset += n;
+        len -= n;
+    }
+    pthread_mutex_unlock(&vs->mtx);
+    return ret;
+}
+
+QSNAP_API void qsnap_vmstate_close(qsnap_vmstate *vs)
+{
+    if (!vs) {
+        return;
+    }
+    struct qsnap_image *img = vs->view.img;
+    if (img) {
+        pthread_rwlock_wrlock(&img->lock);
+        for (struct qsnap_view **pp = &img->views; *pp; pp = &(*pp)->next) {
+            if (*pp == &vs->view) {
+                *pp = vs->view.next;
+                break;
+            }
+        }
+        pthread_rwlock_unlock(&img->lock);
+    }
+    vs_free(vs);
+}
