@@ -4,7 +4,7 @@
 # Runs from the build directory (make demo) or with QSNAP_IMG set.
 set -eu
 
-img_tool=${QSNAP_IMG:-./qsnap-img}
+img_tool=${QSNAP_IMG:-./qsnap-img/qsnap-img}
 work=$(mktemp -d "${TMPDIR:-/tmp}/qsnap-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 

@@ -238,7 +238,7 @@ QSNAP_API int qsnap_resize(qsnap_image *img, uint64_t new_size, unsigned flags);
 enum qsnap_bs_flags {
     QSNAP_BS_DATA = 1u << 0,       /* reads come from stored data */
     QSNAP_BS_ZERO = 1u << 1,       /* reads as zeros */
-    QSNAP_BS_ALLOCATED = 1u << 2,  /* this layer decides the content */
+    QSNAP_BS_ALLOCATED = 1u << 2,  /* the layer at *depth holds the range */
     QSNAP_BS_OFFSET = 1u << 3,     /* *host_off is valid */
     QSNAP_BS_COMPRESSED = 1u << 4, /* stored compressed */
 };
@@ -248,7 +248,9 @@ enum qsnap_bs_flags {
  * (at most `len`) share the same status, *flags the QSNAP_BS_* bits,
  * *host_off (may be NULL) the offset in the file named by *depth, and
  * *depth (may be NULL) which layer decides it (0 = this image, 1 its
- * backing file, ...; for an unallocated range, the chain's depth).
+ * backing file, ...).  QSNAP_BS_ALLOCATED is set when that layer holds the
+ * range; a range no layer holds reads as zeros and reports the depth of
+ * the bottom layer (or of the first layer shorter than the offset).
  */
 QSNAP_API int qsnap_block_status(qsnap_image *img, uint64_t offset,
                                  uint64_t len, uint64_t *pnum, unsigned *flags,
@@ -279,8 +281,9 @@ struct qsnap_check_result {
 };
 
 /*
- * Called for each problem found; `level` is 0 for corruptions ("ERROR")
- * and 1 for leaks ("Leaked cluster"), the message is one line, no newline.
+ * Called for each problem found; `level` is 0 for corruptions ("ERROR"),
+ * 1 for leaks ("Leaked cluster") and 2 for a mismatch being repaired
+ * ("Repairing cluster"); the message is one line, no newline.
  */
 typedef void (*qsnap_check_report_fn)(void *opaque, int level, const char *msg);
 
@@ -493,6 +496,106 @@ QSNAP_API void qsnap_vmstate_close(qsnap_vmstate *vs);
 
 /* The handle's last error message for VM state and checkpoint calls. */
 QSNAP_API const char *qsnap_vmstate_errmsg(const qsnap_vmstate *vs);
+
+/* ------------------------------------------------------------------ */
+/* Backing chains and external checkpoints                            */
+/* ------------------------------------------------------------------ */
+/*
+ * An image may have a backing file (qcow2 or raw), which may have its own:
+ * a chain.  Relative backing names are resolved against the directory of
+ * the image that names them, as QEMU does; names are always taken as file
+ * names (never as QEMU's json: or protocol syntax).  Backing files are
+ * opened read-only, must be regular files, and a chain may be at most 64
+ * images deep; loops are found by device and inode.
+ */
+
+struct qsnap_layer_info {
+    size_t struct_size;
+    char filename[4096];     /* path as opened */
+    char backing_name[1024]; /* as written in this layer's header */
+    char backing_fmt[32];
+    int format;              /* enum qsnap_format */
+    uint64_t virtual_size;
+    uint64_t allocated_bytes; /* guest bytes this layer decides */
+    uint32_t nb_snapshots;
+};
+
+/* The chain from `img` (index 0) down to its base; free() the list. */
+QSNAP_API int qsnap_chain_list(qsnap_image *img,
+                               struct qsnap_layer_info **list,
+                               uint32_t *count);
+
+/*
+ * External checkpoint, as a VMM takes one: `*img` (read-write) is flushed
+ * and frozen, a new qcow2 overlay at `overlay_path` gets it as backing
+ * file, and `*img` is replaced by a read-write handle on the overlay.
+ * `opts` (may be NULL) gives the overlay's options; its size and backing
+ * fields are ignored.  On failure `*img` is still the old, usable handle.
+ * Returns: 0, -EEXIST, -EROFS, -EIO, -ENOMEM.
+ */
+QSNAP_API int qsnap_overlay_push(qsnap_image **img, const char *overlay_path,
+                                 const struct qsnap_create_opts *opts);
+
+enum qsnap_commit_flags {
+    QSNAP_COMMIT_KEEP = 1u << 0, /* do not empty the committed image (-d) */
+};
+
+/*
+ * Writes what `top` (and any layer between it and `base`) holds into
+ * `base`, a file of top's chain (NULL: top's backing file), growing base
+ * if it is smaller.  Without QSNAP_COMMIT_KEEP, and when base is top's
+ * backing file, top is emptied afterwards so it reads through to base.
+ * `top` must be open read-write.  Returns: 0, -ENOENT (base not in the
+ * chain), -EINVAL (no backing file), -EROFS, -EIO.
+ */
+QSNAP_API int qsnap_commit(qsnap_image *top, const char *base,
+                           unsigned flags, qsnap_progress_fn progress,
+                           void *opaque);
+
+enum qsnap_rebase_flags {
+    QSNAP_REBASE_UNSAFE = 1u << 0, /* only rewrite the backing name (-u) */
+};
+
+/*
+ * Changes img's backing file to `backing` (NULL or "": none) with format
+ * `backing_fmt` (NULL: probe).  The safe mode first copies into img every
+ * range where the old and the new backing chains differ and img does not
+ * decide, so the guest-visible content stays the same.
+ */
+QSNAP_API int qsnap_rebase(qsnap_image *img, const char *backing,
+                           const char *backing_fmt, unsigned flags,
+                           qsnap_progress_fn progress, void *opaque);
+
+/*
+ * Copies into img everything it reads from the layers above `base` (NULL:
+ * the whole chain), then makes `base` its backing file (NULL: none), so
+ * img stands alone down to base.
+ */
+QSNAP_API int qsnap_stream(qsnap_image *img, const char *base,
+                           qsnap_progress_fn progress, void *opaque);
+
+enum qsnap_merge_flags {
+    QSNAP_MERGE_AUTO = 0,          /* whichever moves less data */
+    QSNAP_MERGE_STREAM = 1u << 0,  /* stream the layer up into its child */
+    QSNAP_MERGE_COMMIT = 1u << 1,  /* commit the child down into the layer */
+};
+
+/*
+ * Merge-on-delete: removes `layer`, a file of the chain below `top_path`,
+ * without changing what any remaining layer shows, and keeps every
+ * remaining layer at its path.  Either streams the layer's data that its
+ * child does not hide into the child and points the child at the layer's
+ * backing file, or commits the child into the layer and moves the layer
+ * into the child's place.  Copies first, switches the backing pointer,
+ * removes the file last: a crash leaves every remaining layer readable with
+ * its own content.  The top itself cannot be deleted (that is a revert).
+ * Returns: 0, -ENOENT (not in the chain), -EINVAL (the top), -EIO, ...
+ */
+QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
+                                      const char *layer, unsigned flags,
+                                      qsnap_progress_fn progress,
+                                      void *opaque, char *err,
+                                      size_t errlen);
 
 #ifdef __cplusplus
 }

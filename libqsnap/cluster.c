@@ -373,8 +373,9 @@ int qs_map_l1(struct qsnap_image *img, const uint64_t *l1, uint32_t l1_size,
         if (t2 != t) {
             break;
         }
-        if (t == QS_C_NORMAL) {
-            const bool c2 = l1_copied && (e2 & QS_OFLAG_COPIED);
+        if (t == QS_C_NORMAL || t == QS_C_ZERO_ALLOC) {
+            const bool c2 = t == QS_C_NORMAL && l1_copied &&
+                            (e2 & QS_OFLAG_COPIED);
             if ((e2 & QS_L2E_OFFSET_MASK) != first_host + (idx - l2_idx) * cs ||
                 c2 != m->copied) {
                 break;
@@ -1024,9 +1025,11 @@ static int write_zero_bytes(struct qsnap_image *img, uint64_t off, uint64_t len)
     return ret;
 }
 
-int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len, bool discard,
-            bool may_unmap)
+int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len,
+            enum qs_zero_mode mode, bool may_unmap)
 {
+    const bool discard = mode != QS_ZERO_WRITE;
+    const bool unallocate = mode == QS_ZERO_UNALLOCATE;
     const uint64_t cs = img->cluster_size;
     const uint32_t span_bits = img->cluster_bits + img->l2_bits;
     const bool v3 = img->hdr.version >= 3;
@@ -1042,11 +1045,16 @@ int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len, bool discard,
     if (off + len == img->virtual_size && b < off + len) {
         b = (off + len + cs - 1) & ~(cs - 1);
     }
-    if (a >= b) {
+    if (unallocate) {
+        /* Only whole clusters can fall through; partial ones stay. */
+        if (a >= b) {
+            return 0;
+        }
+    } else if (a >= b) {
         return write_zero_bytes(img, off, len);
     }
-    ret = write_zero_bytes(img, off, a - off);
-    if (ret == 0) {
+    ret = unallocate ? 0 : write_zero_bytes(img, off, a - off);
+    if (ret == 0 && !unallocate) {
         ret = write_zero_bytes(img, QS_MIN(b, off + len),
                                off + len - QS_MIN(b, off + len));
     }
@@ -1079,10 +1087,11 @@ int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len, bool discard,
                                (e & QS_OFLAG_COPIED);
             uint64_t new_e;
             bool keep = false;
-            if (!v3 && backing) {
+            if (unallocate) {
+                new_e = 0;
+            } else if (!v3 && backing) {
                 continue; /* needs real zeros: done below */
-            }
-            if (!v3) {
+            } else if (!v3) {
                 if (!discard && !may_unmap && owned) {
                     continue; /* zeros written in place below */
                 }
@@ -1117,7 +1126,7 @@ int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len, bool discard,
         }
     }
 
-    if (!v3) {
+    if (!v3 && !unallocate) {
         /* v2 has no zero flag: whatever still is not zero gets zeros. */
         for (cl = a; cl < b && ret == 0; cl += cs) {
             const uint64_t end = QS_MIN(cl + cs, img->virtual_size);

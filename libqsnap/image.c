@@ -244,17 +244,10 @@ static int open_backing(struct qsnap_image *img,
     char path[PATH_MAX];
 
     /* Relative names are relative to the overlay's directory, as QEMU. */
-    if (name[0] == '/') {
-        snprintf(path, sizeof(path), "%s", name);
-    } else {
-        const char *slash = strrchr(img->filename, '/');
-        int dir_len = slash ? (int)(slash - img->filename) : 0;
-        if (slash) {
-            snprintf(path, sizeof(path), "%.*s/%s", dir_len, img->filename,
-                     name);
-        } else {
-            snprintf(path, sizeof(path), "%s", name);
-        }
+    if (qs_backing_path(img, name, path, sizeof(path)) < 0) {
+        qs_fmt_err(err, errlen, "%s: backing file name '%s' is too long",
+                   img->filename, name);
+        return -ENAMETOOLONG;
     }
     if (seen->n >= QS_MAX_CHAIN_DEPTH) {
         qs_fmt_err(err, errlen,
@@ -265,6 +258,7 @@ static int open_backing(struct qsnap_image *img,
     struct qsnap_open_opts bo = *o;
     bo.flags = (o->flags & ~(unsigned)QSNAP_OPEN_RDWR) | QSNAP_OPEN_FORCE_SHARE;
     bo.flags &= ~(unsigned)QSNAP_OPEN_CHECK;
+    bo.flags |= QS_OPEN_BACKING;
     bo.format = QSNAP_FMT_AUTO;
     if (strcmp(img->hdr.backing_fmt, "raw") == 0) {
         bo.format = QSNAP_FMT_RAW;
@@ -280,6 +274,49 @@ static int open_backing(struct qsnap_image *img,
                             sizeof(sub));
     if (ret < 0) {
         qs_fmt_err(err, errlen, "%s: backing file: %s", img->filename, sub);
+    }
+    return ret;
+}
+
+int qs_backing_path(const struct qsnap_image *img, const char *name,
+                    char *path, size_t len)
+{
+    int n;
+    if (name[0] == '/') {
+        n = snprintf(path, len, "%s", name);
+    } else {
+        const char *slash = strrchr(img->filename, '/');
+        n = slash ? snprintf(path, len, "%.*s/%s",
+                             (int)(slash - img->filename), img->filename, name)
+                  : snprintf(path, len, "%s", name);
+    }
+    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int qs_reopen_backing(struct qsnap_image *img)
+{
+    struct qsnap_open_opts o;
+    qsnap_open_opts_init(&o);
+    o.cache_size = img->cache_size;
+    o.flags = img->open_flags & QSNAP_OPEN_NOCACHE;
+    if (img->backing) {
+        qsnap_close(img->backing);
+        img->backing = NULL;
+    }
+    if (!img->hdr.backing_file[0]) {
+        return 0;
+    }
+    struct chain_seen seen = {.n = 0};
+    struct stat st;
+    if (stat(img->filename, &st) == 0) {
+        seen.dev[0] = st.st_dev;
+        seen.ino[0] = st.st_ino;
+        seen.n = 1;
+    }
+    char err[1024];
+    int ret = open_backing(img, &o, &seen, err, sizeof(err));
+    if (ret < 0) {
+        qs_error(img, ret, "%s", err);
     }
     return ret;
 }
@@ -416,6 +453,7 @@ static int open_internal(const char *path, const struct qsnap_open_opts *o,
     pthread_mutex_init(&img->meta_mtx, NULL);
     pthread_mutex_init(&img->err_mtx, NULL);
     img->open_flags = o->flags;
+    img->cache_size = o->cache_size;
     img->rw = rw;
     img->io = io;
     img->filename = strdup(path);
@@ -433,6 +471,9 @@ static int open_internal(const char *path, const struct qsnap_open_opts *o,
     }
     if (o->flags & QSNAP_OPEN_NOCACHE) {
         ioflags |= QS_IO_DIRECT;
+    }
+    if (o->flags & QS_OPEN_BACKING) {
+        ioflags |= QS_IO_REGULAR; /* never a FIFO or a device */
     }
     int ret = 0;
     if (!img->io) {
@@ -994,7 +1035,8 @@ static int zero_common(qsnap_image *img, uint64_t offset, uint64_t len,
         return ret;
     }
     pthread_rwlock_wrlock(&img->lock);
-    ret = qs_zero(img, offset, len, discard, may_unmap);
+    ret = qs_zero(img, offset, len,
+                  discard ? QS_ZERO_DISCARD : QS_ZERO_WRITE, may_unmap);
     if (ret == 0 && (img->open_flags & QSNAP_OPEN_WRITETHROUGH)) {
         ret = flush_locked(img);
     }
@@ -1252,7 +1294,6 @@ QSNAP_API int qsnap_block_status(qsnap_image *img, uint64_t offset,
             if (ret == 0 && depth) {
                 *depth = d + 1;
             }
-            *flags &= ~(unsigned)QSNAP_BS_ALLOCATED;
             return ret;
         }
         *flags = QSNAP_BS_ZERO;

@@ -373,6 +373,13 @@ int qs_io_open_posix(const char *path, unsigned flags, qs_io **out, char *err,
         return -e;
     }
     struct stat st;
+    if (fstat(fd, &st) == 0 && (flags & QS_IO_REGULAR) &&
+        !S_ISREG(st.st_mode)) {
+        qs_fmt_err(err, errlen, "%s: not a regular file (mode 0%o)", path,
+                   (unsigned)st.st_mode);
+        close(fd);
+        return -EINVAL;
+    }
     if (fstat(fd, &st) < 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
         qs_fmt_err(err, errlen,
                    "%s: not a regular file or block device (mode 0%o)", path,

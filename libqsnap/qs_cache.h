@@ -9,9 +9,10 @@
  *   1. A pinned entry (between qs_cache_get and qs_cache_put) is never
  *      evicted, so its data pointer stays valid.
  *   2. Before a dirty entry of a cache with a dependency is written, the
- *      dependency cache is written and (unless lazy) the file is flushed:
- *      this is how refcount blocks reach the disk before the L2 entries
- *      that rely on them.
+ *      dependency cache is written and the file is flushed (with lazy
+ *      refcounts too): this is how refcount blocks, and the data written
+ *      before them, reach the disk before the L2 entries that rely on
+ *      them.
  *   3. All cache state is protected by the image's meta mutex, which the
  *      cache functions take themselves.
  */

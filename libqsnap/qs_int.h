@@ -29,6 +29,9 @@
 #include "qs_io.h"
 #include "qsnap.h"
 
+/* Internal open flag: this image is a backing file. */
+#define QS_OPEN_BACKING (1u << 31)
+
 #define QS_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define QS_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define QS_DIV_ROUND_UP(n, d) (((n) + (d)-1) / (d))
@@ -78,6 +81,7 @@ struct qsnap_image {
     char *filename;
     int format; /* QSNAP_FMT_QCOW2 or QSNAP_FMT_RAW */
     unsigned open_flags;
+    uint64_t cache_size; /* as opened, for reopening the backing chain */
     bool rw;
     bool corrupt; /* metadata damage seen: no more writes */
     qs_io *io;
@@ -225,8 +229,13 @@ int qs_write_inplace(struct qsnap_image *img, const struct iovec *iov, int n,
                      uint64_t guest_off, uint64_t len);
 int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
              uint64_t guest_off, uint64_t len);
+enum qs_zero_mode {
+    QS_ZERO_WRITE,     /* reads as zeros; keep allocations unless unmap */
+    QS_ZERO_DISCARD,   /* reads as zeros; free whole clusters */
+    QS_ZERO_UNALLOCATE /* whole clusters fall through to the backing file */
+};
 int qs_zero(struct qsnap_image *img, uint64_t guest_off, uint64_t len,
-            bool discard, bool may_unmap);
+            enum qs_zero_mode mode, bool may_unmap);
 int qs_write_compressed(struct qsnap_image *img, const void *cbuf, size_t clen,
                         const void *raw, uint64_t guest_off);
 int qs_l1_grow(struct qsnap_image *img, uint32_t min_size);
@@ -286,6 +295,12 @@ int qs_header_write_field(struct qsnap_image *img, uint32_t off,
  */
 int qs_open_io(const char *name, qs_io *io, const struct qsnap_open_opts *o,
                struct qsnap_image **out, char *err, size_t errlen);
+
+/* Resolves a backing name against img's directory, as QEMU does. */
+int qs_backing_path(const struct qsnap_image *img, const char *name,
+                    char *path, size_t len);
+/* Closes and opens img's backing chain again from its header. */
+int qs_reopen_backing(struct qsnap_image *img);
 
 /* ---------------------------------------------------------------- check */
 int qs_check(struct qsnap_image *img, unsigned flags,

@@ -46,6 +46,7 @@ enum {
     QS_IO_DIRECT = 1u << 2, /* O_DIRECT for aligned I/O */
     QS_IO_NOLOCK = 1u << 3, /* force-share: no exclusive claims */
     QS_IO_EXCL = 1u << 4,   /* with CREATE: fail if it exists */
+    QS_IO_REGULAR = 1u << 5, /* refuse anything but a regular file */
 };
 
 /* Opens `path` with the POSIX back-end; on failure writes `err`. */

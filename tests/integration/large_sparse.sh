@@ -1,11 +1,11 @@
 #!/bin/sh
 # large_sparse.sh - 1 TiB and 64 TiB sparse images.
 #
-# Images created by qemu-img and by qsnap get a few clusters written by
-# qsnap near the start, across the middle and at the very end (aligned and
-# unaligned).  `qemu-img check` must be clean, qemu-io must read the data
-# back with the right patterns and zeros around it, and the file must stay
-# small.
+# Images created by qemu-img, qsnap_create() and qsnap-img (when built)
+# get a few clusters written by qsnap near the start, across the middle
+# and at the very end (aligned and unaligned).  `qemu-img check` must be
+# clean, qemu-io must read the data back with the right patterns and zeros
+# around it, and the file must stay small.
 set -eu
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -15,9 +15,9 @@ need "$QEMU_IMG"
 need "$QEMU_IO"
 need_built "$QSNAP_TOOL"
 
-qsnap_creator=tool
+creators="qemu-img qsnap_create"
 if qsnap_img_usable; then
-    qsnap_creator=cli
+    creators="$creators qsnap-img"
 fi
 
 TiB=1099511627776
@@ -26,16 +26,20 @@ TiB=1099511627776
 create()
 {
     rm -f "$2"
-    if [ "$1" = qemu ]; then
+    case $1 in
+    qemu-img)
         run_ok "qemu-img create" "$QEMU_IMG" create -q -f qcow2 \
             -o "cluster_size=$4" "$2" "$3"
-    elif [ "$qsnap_creator" = cli ]; then
+        ;;
+    qsnap-img)
         run_ok "qsnap-img create" "$QSNAP_IMG" create -f qcow2 \
             -o "cluster_size=$4" "$2" "$3"
-    else
+        ;;
+    *)
         run_ok "qsnap-tool create" "$QSNAP_TOOL" create --cluster-size "$4" \
             "$2" "$3"
-    fi
+        ;;
+    esac
 }
 
 # write OFFSET LENGTH PATTERN, recorded for the read-back.
@@ -48,7 +52,7 @@ write()
 for size_t in 1 64; do
     size=$((size_t * TiB))
     for cs in 65536 2097152; do
-        for creator in qemu qsnap; do
+        for creator in $creators; do
             desc="$size_t TiB, cluster $cs, created by $creator"
             img="$T/big.qcow2"
             create "$creator" "$img" "$size" "$cs"

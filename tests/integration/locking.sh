@@ -141,7 +141,8 @@ for pair in "qsnap qemu" "qemu qsnap" "qsnap qsnap"; do
                 "$T/reference")
             got=$(contend "$ci" "$c")
             if [ "$got" != "$want" ]; then
-                echo "  FAIL holder $h, contender $c: $got, QEMU gives $want" >&2
+                echo "  FAIL holder $h, contender $c: $got," \
+                    "QEMU gives $want" >&2
                 sed 's/^/      /' "$T/contend.out" >&2
                 failures=$((failures + 1))
                 continue

@@ -24,7 +24,8 @@ need_built "$MKCORRUPT"
 use_valgrind=
 if [ "${QSNAP_VALGRIND:-0}" = 1 ]; then
     need valgrind
-    [ -x "$top_builddir/libtool" ] || die "valgrind runs need $top_builddir/libtool"
+    [ -x "$top_builddir/libtool" ] ||
+        die "valgrind runs need $top_builddir/libtool"
     use_valgrind=1
 fi
 
