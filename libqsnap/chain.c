@@ -159,6 +159,38 @@ static void progress_to(qsnap_progress_fn fn, void *opaque, uint64_t done,
     }
 }
 
+/*
+ * Copies into `dst` the ranges of src's view that a layer at depth
+ * [min_depth, max_depth) of src's chain holds.
+ */
+static int copy_layers(qsnap_image *src, qsnap_image *dst, int min_depth,
+                       int max_depth, qsnap_progress_fn progress,
+                       void *opaque)
+{
+    const uint64_t size = src->virtual_size;
+    uint8_t *buf = malloc(COPY_CHUNK);
+    int ret = buf ? 0 : -ENOMEM;
+    for (uint64_t off = 0; off < size && ret == 0;) {
+        uint64_t pnum;
+        unsigned st;
+        int d;
+        ret = qsnap_block_status(src, off, QS_MIN(size - off, COPY_CHUNK),
+                                 &pnum, &st, NULL, &d);
+        if (ret < 0 || pnum == 0) {
+            break;
+        }
+        if ((st & QSNAP_BS_ALLOCATED) && d >= min_depth && d < max_depth) {
+            ret = copy_range(src, dst, off, pnum,
+                             (st & QSNAP_BS_ZERO) && !(st & QSNAP_BS_DATA),
+                             buf);
+        }
+        off += pnum;
+        progress_to(progress, opaque, off, size);
+    }
+    free(buf);
+    return ret;
+}
+
 /* ------------------------------------------------------------ list */
 
 static uint64_t allocated_bytes(struct qsnap_image *l)
@@ -320,28 +352,9 @@ QSNAP_API int qsnap_commit(qsnap_image *top, const char *base_path,
     if (base->virtual_size < size) {
         ret = qsnap_resize(base, size, 0);
     }
-    uint8_t *buf = malloc(COPY_CHUNK);
-    if (!buf) {
-        ret = -ENOMEM;
+    if (ret == 0) {
+        ret = copy_layers(top, base, 0, depth, progress, opaque);
     }
-    for (uint64_t off = 0; off < size && ret == 0;) {
-        uint64_t pnum;
-        unsigned st;
-        int d;
-        ret = qsnap_block_status(top, off, QS_MIN(size - off, COPY_CHUNK),
-                                 &pnum, &st, NULL, &d);
-        if (ret < 0 || pnum == 0) {
-            break;
-        }
-        if ((st & QSNAP_BS_ALLOCATED) && d < depth) {
-            ret = copy_range(top, base, off, pnum,
-                             (st & QSNAP_BS_ZERO) && !(st & QSNAP_BS_DATA),
-                             buf);
-        }
-        off += pnum;
-        progress_to(progress, opaque, off, size);
-    }
-    free(buf);
     if (ret == 0) {
         ret = qsnap_flush(base);
     }
@@ -532,27 +545,7 @@ QSNAP_API int qsnap_stream(qsnap_image *img, const char *base,
                             img->filename, base);
         }
     }
-    const uint64_t size = img->virtual_size;
-    uint8_t *buf = malloc(COPY_CHUNK);
-    int ret = buf ? 0 : -ENOMEM;
-    for (uint64_t off = 0; off < size && ret == 0;) {
-        uint64_t pnum;
-        unsigned st;
-        int d;
-        ret = qsnap_block_status(img, off, QS_MIN(size - off, COPY_CHUNK),
-                                 &pnum, &st, NULL, &d);
-        if (ret < 0 || pnum == 0) {
-            break;
-        }
-        if ((st & QSNAP_BS_ALLOCATED) && d > 0 && d < depth) {
-            ret = copy_range(img, img, off, pnum,
-                             (st & QSNAP_BS_ZERO) && !(st & QSNAP_BS_DATA),
-                             buf);
-        }
-        off += pnum;
-        progress_to(progress, opaque, off, size);
-    }
-    free(buf);
+    int ret = copy_layers(img, img, 1, depth, progress, opaque);
     if (ret == 0) {
         ret = qsnap_flush(img);
     }

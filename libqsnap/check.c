@@ -520,31 +520,6 @@ int qs_check(struct qsnap_image *img, unsigned flags,
 
 /* ------------------------------------------------------------ rebuild */
 
-static void put_rc(const struct qsnap_image *img, uint8_t *blk, uint64_t i,
-                   uint64_t v)
-{
-    switch (img->refcount_order) {
-    case 3:
-        blk[i] = (uint8_t)v;
-        break;
-    case 4:
-        qs_be16_store(blk + 2 * i, (uint16_t)v);
-        break;
-    case 5:
-        qs_be32_store(blk + 4 * i, (uint32_t)v);
-        break;
-    case 6:
-        qs_be64_store(blk + 8 * i, v);
-        break;
-    default: {
-        const uint32_t bits = 1u << img->refcount_order;
-        const uint32_t per_byte = 8u / bits;
-        blk[i / per_byte] |= (uint8_t)(v << ((i % per_byte) * bits));
-        break;
-    }
-    }
-}
-
 int qs_rebuild_refcounts(struct qsnap_image *img)
 {
     const uint64_t cs = img->cluster_size;
@@ -612,7 +587,7 @@ int qs_rebuild_refcounts(struct qsnap_image *img)
         const uint64_t v = i < c.n_ref ? c.ref[i] : 0;
         const uint64_t rc = i >= start ? 1 : v;
         if (rc) {
-            put_rc(img, blocks + (i / per_block) * cs, i % per_block, rc);
+            qs_rb_set(img, blocks + (i / per_block) * cs, i % per_block, rc);
         }
     }
     for (uint64_t b = 0; b < n_blocks; b++) {

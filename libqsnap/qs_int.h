@@ -177,6 +177,11 @@ void *qs_alloc_buf(size_t len); /* page-aligned, for O_DIRECT */
 
 /* ---------------------------------------------------------------- refcount */
 int qs_refcount_init(struct qsnap_image *img);
+/* Entry i of a refcount block buffer, at the image's refcount width. */
+uint64_t qs_rb_get(const struct qsnap_image *img, const uint8_t *blk,
+                   uint64_t i);
+void qs_rb_set(const struct qsnap_image *img, uint8_t *blk, uint64_t i,
+               uint64_t v);
 int qs_refcount_get(struct qsnap_image *img, uint64_t cluster_idx,
                     uint64_t *rc);
 /* Adds `delta` to every cluster touched by [host_off, host_off+len). */

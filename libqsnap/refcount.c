@@ -27,8 +27,8 @@
 
 #include "qs_int.h"
 
-static uint64_t rb_get(const struct qsnap_image *img, const uint8_t *blk,
-                       uint64_t i)
+uint64_t qs_rb_get(const struct qsnap_image *img, const uint8_t *blk,
+                   uint64_t i)
 {
     switch (img->refcount_order) {
     case 3:
@@ -49,8 +49,8 @@ static uint64_t rb_get(const struct qsnap_image *img, const uint8_t *blk,
     }
 }
 
-static void rb_set(const struct qsnap_image *img, uint8_t *blk, uint64_t i,
-                   uint64_t v)
+void qs_rb_set(const struct qsnap_image *img, uint8_t *blk, uint64_t i,
+               uint64_t v)
 {
     switch (img->refcount_order) {
     case 3:
@@ -132,6 +132,17 @@ static int block_offset(struct qsnap_image *img, uint64_t rt_idx, uint64_t *off)
     return 0;
 }
 
+/* The refcount block for table index `rt_idx`, pinned in the cache. */
+static int get_block(struct qsnap_image *img, uint64_t rt_idx, uint8_t **blk)
+{
+    uint64_t off = 0;
+    int ret = block_offset(img, rt_idx, &off);
+    if (ret < 0) {
+        return ret;
+    }
+    return qs_cache_get(img->rb_cache, off, false, (void **)blk);
+}
+
 int qs_refcount_get(struct qsnap_image *img, uint64_t idx, uint64_t *rc)
 {
     const uint64_t rt_idx = idx >> img->rb_bits;
@@ -139,17 +150,12 @@ int qs_refcount_get(struct qsnap_image *img, uint64_t idx, uint64_t *rc)
         *rc = 0;
         return 0;
     }
-    uint64_t off;
-    int ret = block_offset(img, rt_idx, &off);
+    uint8_t *blk;
+    int ret = get_block(img, rt_idx, &blk);
     if (ret < 0) {
         return ret;
     }
-    void *blk;
-    ret = qs_cache_get(img->rb_cache, off, false, &blk);
-    if (ret < 0) {
-        return ret;
-    }
-    *rc = rb_get(img, blk, idx & ((1ull << img->rb_bits) - 1));
+    *rc = qs_rb_get(img, blk, idx & ((1ull << img->rb_bits) - 1));
     qs_cache_put(img->rb_cache, blk);
     return 0;
 }
@@ -201,7 +207,7 @@ static int grow_reftable(struct qsnap_image *img, uint64_t min_entries)
     }
     memset(blocks, 0, n_blocks * cs);
     for (uint64_t c = 0; c < t_clusters + n_blocks; c++) {
-        rb_set(img, blocks + (c / per_block) * cs, c % per_block, 1);
+        qs_rb_set(img, blocks + (c / per_block) * cs, c % per_block, 1);
     }
     memset(table, 0, n_entries * 8);
     for (uint64_t i = 0; i < img->rt_size; i++) {
@@ -297,7 +303,7 @@ static int ensure_block(struct qsnap_image *img, uint64_t rt_idx)
         return -ENOMEM;
     }
     memset(blk, 0, cs);
-    rb_set(img, blk, 0, 1);
+    qs_rb_set(img, blk, 0, 1);
     int ret = qs_host_write(img, blk, cs, blk_idx * cs);
     free(blk);
     if (ret == 0) {
@@ -350,19 +356,14 @@ int qs_refcount_update(struct qsnap_image *img, uint64_t host_off, uint64_t len,
             }
             continue;
         }
-        uint64_t boff;
-        int ret = block_offset(img, rt_idx, &boff);
-        if (ret < 0) {
-            return ret;
-        }
         uint8_t *blk;
-        ret = qs_cache_get(img->rb_cache, boff, false, (void **)&blk);
+        int ret = get_block(img, rt_idx, &blk);
         if (ret < 0) {
             return ret;
         }
         const uint64_t end = QS_MIN(last, idx | mask);
         for (; idx <= end; idx++) {
-            const uint64_t v = rb_get(img, blk, idx & mask);
+            const uint64_t v = qs_rb_get(img, blk, idx & mask);
             if (delta < 0 && v < (uint64_t)-delta) {
                 qs_cache_put(img->rb_cache, blk);
                 return QS_CORRUPT(img,
@@ -379,7 +380,7 @@ int qs_refcount_update(struct qsnap_image *img, uint64_t host_off, uint64_t len,
                                 img->refcount_max, 1u << img->refcount_order);
             }
             const uint64_t nv = v + (uint64_t)delta;
-            rb_set(img, blk, idx & mask, nv);
+            qs_rb_set(img, blk, idx & mask, nv);
             if (nv == 0 && idx < img->free_cluster_hint) {
                 img->free_cluster_hint = idx;
             }
@@ -412,17 +413,12 @@ int qs_refcount_set(struct qsnap_image *img, uint64_t idx, uint64_t value)
             return -EIO;
         }
     }
-    uint64_t boff;
-    int ret = block_offset(img, rt_idx, &boff);
-    if (ret < 0) {
-        return ret;
-    }
     uint8_t *blk;
-    ret = qs_cache_get(img->rb_cache, boff, false, (void **)&blk);
+    int ret = get_block(img, rt_idx, &blk);
     if (ret < 0) {
         return ret;
     }
-    rb_set(img, blk, idx & ((1ull << img->rb_bits) - 1), value);
+    qs_rb_set(img, blk, idx & ((1ull << img->rb_bits) - 1), value);
     qs_cache_mark_dirty(img->rb_cache, blk);
     qs_cache_put(img->rb_cache, blk);
     if (value == 0 && idx < img->free_cluster_hint) {
@@ -464,20 +460,15 @@ static int find_free(struct qsnap_image *img, uint64_t n, bool partial,
             }
             continue;
         }
-        uint64_t boff;
-        int ret = block_offset(img, rt_idx, &boff);
-        if (ret < 0) {
-            return ret;
-        }
         uint8_t *blk;
-        ret = qs_cache_get(img->rb_cache, boff, false, (void **)&blk);
+        int ret = get_block(img, rt_idx, &blk);
         if (ret < 0) {
             return ret;
         }
         const uint64_t block_end = (rt_idx + 1) << img->rb_bits;
         bool done = false;
         for (; idx < block_end; idx++) {
-            if (rb_get(img, blk, idx % per_block) == 0) {
+            if (qs_rb_get(img, blk, idx % per_block) == 0) {
                 if (!hint_moved) {
                     img->free_cluster_hint = idx;
                     hint_moved = true;

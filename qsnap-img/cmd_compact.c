@@ -23,9 +23,8 @@
 static void progress_cb(void *opaque, uint64_t done, uint64_t total)
 {
     (void)opaque;
-    qi_progress_print(total ? (float)((double)done * 100.0 / (double)total)
-                            : 100.0f,
-                      0);
+    qi_progress_print(
+        total ? (float)((double)done * 100.0 / (double)total) : 100.0f, 0);
 }
 
 /* The apparent size of FILENAME; prints the error on failure. */

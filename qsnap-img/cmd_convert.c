@@ -14,7 +14,9 @@
  *
  * With -l (qemu-img's snapshot parameter: "snapshot.id=ID",
  * "snapshot.name=NAME", both, or an ID or name) or the older -s NAME, the
- * source is that internal snapshot's disk, read through a qsnap_view.
+ * source is that internal snapshot's disk, read through a qsnap_view.  As
+ * with qemu-img, the output has the image's current virtual size: past
+ * the end of a snapshot taken at a smaller size it reads as zeros.
  *
  * The copy runs in 2 MiB chunks on -m threads (default 2).  Without -W
  * and -c the chunks are written in order, so the output's layout is
@@ -45,6 +47,7 @@
 struct conv {
     qsnap_image *src;
     qsnap_view *view; /* the snapshot read instead of src, or NULL */
+    uint64_t view_size;
     qsnap_image *dst;
     uint64_t size;
     uint64_t n_chunks;
@@ -79,7 +82,16 @@ static void conv_fail(struct conv *cv, const char *what, uint64_t off,
 static int src_status(struct conv *cv, uint64_t off, uint64_t len,
                       uint64_t *pnum, unsigned *flags)
 {
+    if (cv->view && off >= cv->view_size) {
+        /* Past the end of the snapshot's disk. */
+        *pnum = len;
+        *flags = QSNAP_BS_ZERO;
+        return 0;
+    }
     if (cv->view) {
+        if (len > cv->view_size - off) {
+            len = cv->view_size - off;
+        }
         return qsnap_view_block_status(cv->view, off, len, pnum, flags);
     }
     return qsnap_block_status(cv->src, off, len, pnum, flags, NULL, NULL);
@@ -88,7 +100,14 @@ static int src_status(struct conv *cv, uint64_t off, uint64_t len,
 static int src_read(struct conv *cv, void *buf, size_t len, uint64_t off)
 {
     if (cv->view) {
-        return qsnap_view_pread(cv->view, buf, len, off);
+        /* Past the end of the snapshot's disk reads as zeros. */
+        size_t in = 0;
+        if (off < cv->view_size) {
+            in =
+                len < cv->view_size - off ? len : (size_t)(cv->view_size - off);
+        }
+        memset((uint8_t *)buf + in, 0, len - in);
+        return in ? qsnap_view_pread(cv->view, buf, in, off) : 0;
     }
     return qsnap_pread(cv->src, buf, len, off);
 }
@@ -435,8 +454,7 @@ int qi_cmd_convert(int argc, char **argv)
     int c;
 
     memset(&spec, 0, sizeof(spec));
-    while ((c = getopt_long(argc, argv,
-                            QI_GETOPT_PREFIX "hf:O:o:cpqUS:m:Wl:s:",
+    while ((c = getopt_long(argc, argv, QI_GETOPT_PREFIX "hf:O:o:cpqUS:m:Wl:s:",
                             long_opts, NULL)) != -1) {
         switch (c) {
         case 'h':
@@ -533,7 +551,7 @@ int qi_cmd_convert(int argc, char **argv)
         snap_sel_open(&sel, src, src_name, &view) < 0) {
         goto out;
     }
-    const uint64_t size = view ? qsnap_view_size(view) : info.virtual_size;
+    const uint64_t size = info.virtual_size;
     if (qi_create_spec_parse(&spec, dst_name) < 0 ||
         qi_create_spec_check(&spec, dst_name) < 0) {
         goto out;
@@ -567,6 +585,7 @@ int qi_cmd_convert(int argc, char **argv)
     struct conv cv = {
         .src = src,
         .view = view,
+        .view_size = view ? qsnap_view_size(view) : 0,
         .dst = dst,
         .size = size,
         .n_chunks = (size + CHUNK - 1) / CHUNK,

@@ -77,8 +77,8 @@ static void print_table(const struct layer *ly)
         return;
     }
     printf("Snapshots in %s:\n", ly->l.path);
-    printf("%-10s%-17s%-19s%14s%10s%11s%11s\n", "ID", "TAG", "DATE",
-           "VM CLOCK", "VM SIZE", "DISK SIZE", "EXCLUSIVE");
+    printf("%-10s%-17s%-19s%14s%10s%11s%11s\n", "ID", "TAG", "DATE", "VM CLOCK",
+           "VM SIZE", "DISK SIZE", "EXCLUSIVE");
     for (uint32_t i = 0; i < ly->n_snaps; i++) {
         const struct qsnap_snapshot_info *sn = &ly->snaps[i];
         char date[64];

@@ -89,9 +89,8 @@ static int do_apply(qsnap_image *img, const char *filename, const char *name)
     if (ret < 0) {
         qi_error("Could not apply snapshot '%s': Failed to load snapshot: %s",
                  name,
-                 ret == -ENOENT
-                     ? qsnap_strerror(ret)
-                     : qi_strip_path(qi_errmsg(img, ret), filename));
+                 ret == -ENOENT ? qsnap_strerror(ret)
+                                : qi_strip_path(qi_errmsg(img, ret), filename));
     }
     return ret;
 }

@@ -35,6 +35,17 @@
 /* The unit of every copy in and out of a VM state. */
 #define PIECE (1024u * 1024u)
 
+/* DIR/NAME into BUF (PATH_MAX bytes); prints the error if too long. */
+static int join_path(char *buf, const char *dir, const char *name)
+{
+    const int n = snprintf(buf, PATH_MAX, "%s/%s", dir, name);
+    if (n < 0 || n >= PATH_MAX) {
+        qi_error("'%s/%s': %s", dir, name, strerror(ENAMETOOLONG));
+        return -ENAMETOOLONG;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------ store */
 
 /* Names in byte order, independent of the locale. */
@@ -123,9 +134,11 @@ static int store_file(qsnap_checkpoint *ck, qsnap_image *img, const char *dir,
                       const char *name, void *buf, const char *prefix)
 {
     char path[PATH_MAX];
-    int ret;
+    int ret = join_path(path, dir, name);
 
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    if (ret < 0) {
+        return ret;
+    }
     const int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         ret = -errno;
@@ -167,8 +180,7 @@ int qi_vmstate_store(qsnap_image *img, const char *filename, const char *name,
     size_t n;
 
     (void)filename;
-    snprintf(prefix, sizeof(prefix), "Could not create snapshot '%s': ",
-             name);
+    snprintf(prefix, sizeof(prefix), "Could not create snapshot '%s': ", name);
     if (list_files(dir, &names, &n) < 0) {
         return -EIO;
     }
@@ -452,8 +464,9 @@ static int parse_args(int argc, char **argv, int n_args, const char *usage,
 static int vm_store(int argc, char **argv)
 {
     struct read_opts ro;
-    const int a = parse_args(argc, argv, 3, "image file name, snapshot name "
-                             "and directory", false, false, &ro);
+    const int a = parse_args(argc, argv, 3,
+                             "image file name, snapshot name and directory",
+                             false, false, &ro);
     if (a < 0) {
         return 1;
     }
@@ -566,8 +579,9 @@ static int vm_extract(int argc, char **argv)
     uint32_t n = 0;
     int ret = -1;
 
-    const int a = parse_args(argc, argv, 3, "image file name, snapshot and "
-                             "directory", true, false, &ro);
+    const int a =
+        parse_args(argc, argv, 3, "image file name, snapshot and directory",
+                   true, false, &ro);
     if (a < 0 || source_open(&s, argv[a], ro.fmt, ro.flags, argv[a + 1]) < 0) {
         return 1;
     }
@@ -597,8 +611,10 @@ static int vm_extract(int argc, char **argv)
     ret = 0;
     for (uint32_t i = 0; i < n && ret == 0; i++) {
         char path[PATH_MAX];
-        snprintf(path, sizeof(path), "%s/%s", dir, sec[i].name);
-        ret = copy_out(&s, read_section, sec[i].name, sec[i].size, path);
+        ret = join_path(path, dir, sec[i].name);
+        if (ret == 0) {
+            ret = copy_out(&s, read_section, sec[i].name, sec[i].size, path);
+        }
     }
 out:
     free(sec);
@@ -611,8 +627,9 @@ static int vm_dump(int argc, char **argv)
     struct read_opts ro;
     struct source s;
 
-    const int a = parse_args(argc, argv, 3, "image file name, snapshot and "
-                             "output file name", true, false, &ro);
+    const int a = parse_args(argc, argv, 3,
+                             "image file name, snapshot and output file name",
+                             true, false, &ro);
     if (a < 0 || source_open(&s, argv[a], ro.fmt, ro.flags, argv[a + 1]) < 0) {
         return 1;
     }

@@ -322,8 +322,7 @@ struct qi_layer {
 int qi_chain_length(const struct qi_chain *ch);
 
 /* Fills *OUT for the image at DEPTH (0: the top image). */
-void qi_chain_layer(const struct qi_chain *ch, int depth,
-                    struct qi_layer *out);
+void qi_chain_layer(const struct qi_chain *ch, int depth, struct qi_layer *out);
 
 /* ------------------------------------------------------------ snapshots */
 

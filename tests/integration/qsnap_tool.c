@@ -1421,7 +1421,7 @@ static int cmd_walk(int argc, char **argv)
         }
     }
     if (argc - optind != 1) {
-        msg("walk: expected [-f FMT] [--rw] IMAGE");
+        msg("walk: expected [-f FMT] [--rw] [--check-open] IMAGE");
         return 2;
     }
     wc.path = argv[optind];
@@ -1993,7 +1993,10 @@ static void usage(FILE *f)
           "  dump [-f FMT] IMAGE OUT.raw    guest content to a raw file\n"
           "  digest [-f FMT] IMAGE          XXH64 of the guest content\n"
           "  hash FILE                      XXH64 of a plain host file\n"
-          "  walk [-f FMT] [--rw] IMAGE     read and map everything, check\n"
+          "  walk [-f FMT] [--rw] [--check-open] IMAGE\n"
+          "      read everything, block status over everything (zero extents\n"
+          "      must read as zeros), check; --check-open opens with\n"
+          "      QSNAP_OPEN_CHECK.  Exit 1 on any error or corruption.\n"
           "  fill [--compressed] IMAGE PATTERN\n"
           "  discard-all IMAGE\n"
           "  write IMAGE OFFSET LENGTH PATTERN\n"
