@@ -100,10 +100,9 @@ static int walk_l2(struct ctx *c, uint64_t l2_off, bool active,
             if (active) {
                 c->res->allocated_clusters++;
                 c->res->compressed_clusters++;
-                if (*next_contig && off != *next_contig) {
-                    c->res->fragmented_clusters++;
-                }
-                *next_contig = 0;
+                /* As qemu-img: compressed clusters count as fragmented
+                 * and leave the contiguity tracking alone. */
+                c->res->fragmented_clusters++;
             }
             continue;
         }
@@ -135,8 +134,8 @@ static int walk_l2(struct ctx *c, uint64_t l2_off, bool active,
 static int walk_l1(struct ctx *c, const uint64_t *l1, uint32_t n, bool active)
 {
     struct qsnap_image *img = c->img;
-    uint64_t next = 0;
     for (uint32_t i = 0; i < n; i++) {
+        uint64_t next = 0; /* contiguity is tracked per L2 table */
         const uint64_t e = l1[i];
         const uint64_t off = e & QS_L1E_OFFSET_MASK;
         if (!off) {
@@ -300,29 +299,26 @@ static int ctx_init(struct ctx *c, struct qsnap_image *img,
 }
 
 /* Compares stored and computed refcounts; fixes leaks if asked. */
-static int compare_refcounts(struct ctx *c, bool fix_leaks, bool *low)
+static int compare_refcounts(struct ctx *c, unsigned fix, bool *low,
+                             uint64_t *highest)
 {
     struct qsnap_image *img = c->img;
     const uint64_t per_block = 1ull << img->rb_bits;
-    uint64_t limit = c->n_ref;
-    /* Stored refcounts past the file still count (they would be leaks). */
-    for (uint64_t r = 0; r < img->rt_size; r++) {
-        if (img->rt[r]) {
-            limit = QS_MAX(limit, (r + 1) * per_block);
-        }
-    }
+    /* Like qemu-img, only the clusters of the file are compared. */
+    const uint64_t limit = c->n_ref;
     for (uint64_t i = 0; i < limit; i++) {
         const uint64_t r = i / per_block;
         if (r >= img->rt_size || !img->rt[r]) {
             /* No block: stored 0 for the whole range. */
             const uint64_t end = QS_MIN(limit, (r + 1) * per_block);
-            for (; i < end && i < c->n_ref; i++) {
+            for (; i < end; i++) {
                 if (c->ref[i]) {
                     say(c, 0,
                         "ERROR cluster %" PRIu64 " refcount=0 reference=%u", i,
                         c->ref[i]);
                     c->res->corruptions++;
                     *low = true;
+                    *highest = i + 1;
                 }
             }
             i = end - 1;
@@ -334,26 +330,37 @@ static int compare_refcounts(struct ctx *c, bool fix_leaks, bool *low)
             i = (r + 1) * per_block - 1;
             continue;
         }
-        const uint64_t want = i < c->n_ref ? c->ref[i] : 0;
+        const uint64_t want = c->ref[i];
+        if (stored || want) {
+            *highest = i + 1;
+        }
         if (stored == want) {
             continue;
         }
-        if (stored < want) {
-            say(c, 0,
-                "ERROR cluster %" PRIu64 " refcount=%" PRIu64
-                " reference=%" PRIu64,
-                i, stored, want);
+        /* As qemu-img: a mismatch being fixed is reported as such; a
+         * missing refcount needs the structures rebuilt. */
+        const bool leak = stored > want;
+        const bool fixing =
+            stored != 0 &&
+            (leak ? (fix & (QSNAP_CHECK_REPAIR_LEAKS | QSNAP_CHECK_REPAIR_ALL))
+                  : (fix & QSNAP_CHECK_REPAIR_ALL));
+        say(c, fixing ? 2 : (leak ? 1 : 0),
+            "%s cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
+            fixing ? "Repairing" : (leak ? "Leaked" : "ERROR"), i, stored,
+            want);
+        if (leak) {
+            c->res->leaks++;
+        } else {
             c->res->corruptions++;
-            *low = true;
-            continue;
         }
-        say(c, 1,
-            "Leaked cluster %" PRIu64 " refcount=%" PRIu64
-            " reference=%" PRIu64,
-            i, stored, want);
-        c->res->leaks++;
-        if (fix_leaks && qs_refcount_set(img, i, want) == 0) {
-            c->res->leaks_fixed++;
+        if (stored == 0) {
+            *low = true;
+        } else if (fixing && qs_refcount_set(img, i, want) == 0) {
+            if (leak) {
+                c->res->leaks_fixed++;
+            } else {
+                c->res->corruptions_fixed++;
+            }
         }
     }
     return 0;
@@ -465,15 +472,16 @@ static int check_once(struct qsnap_image *img, unsigned flags,
     c.count_refcount_structures = true;
     ret = count_references(&c);
     bool low = false;
+    uint64_t highest = 0;
     if (ret == 0) {
-        ret = compare_refcounts(
-            &c, flags & (QSNAP_CHECK_REPAIR_LEAKS | QSNAP_CHECK_REPAIR_ALL),
-            &low);
+        ret = compare_refcounts(&c, flags, &low, &highest);
     }
-    if (ret == 0 && !low) {
-        ret = check_copied(&c, flags & QSNAP_CHECK_REPAIR_ALL);
+    if (ret == 0) {
+        /* COPIED is repaired only against refcounts that are right. */
+        ret = check_copied(&c, (flags & QSNAP_CHECK_REPAIR_ALL) && !low);
     }
-    res->image_end_offset = image_end(&c, &res->referenced_clusters);
+    const uint64_t end = image_end(&c, &res->referenced_clusters);
+    res->image_end_offset = QS_MAX(end, highest * img->cluster_size);
     res->total_clusters = QS_DIV_ROUND_UP(img->virtual_size, img->cluster_size);
     *need_rebuild = low;
     free(c.ref);

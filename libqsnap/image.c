@@ -806,6 +806,8 @@ QSNAP_API int qsnap_create(const char *path,
     if (ret < 0) {
         return ret;
     }
+    /* Sizes are whole 512-byte sectors, as qemu-img makes them. */
+    o.size = (o.size + 511) & ~(uint64_t)511;
     if (o.format == QSNAP_FMT_RAW) {
         return create_raw(path, &o, err, errlen);
     }
@@ -1218,6 +1220,9 @@ QSNAP_API int qsnap_resize(qsnap_image *img, uint64_t new_size, unsigned flags)
     if (new_size > (uint64_t)INT64_MAX) {
         return qs_error(img, -EINVAL, "%s: size %" PRIu64 " is too large",
                         img->filename, new_size);
+    }
+    if (img->format == QSNAP_FMT_QCOW2) {
+        new_size = (new_size + 511) & ~(uint64_t)511; /* whole sectors */
     }
     pthread_rwlock_wrlock(&img->lock);
     if (img->format == QSNAP_FMT_RAW) {

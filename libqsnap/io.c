@@ -334,20 +334,21 @@ static int take_image_locks(int fd, const char *path, unsigned held,
     for (int bit = 0; bit < QS_PERM_COUNT; bit++) {
         int taken = 0;
         const char *what = NULL;
+        /* Messages as QEMU words them. */
         if (held & (1u << bit)) {
             taken = byte_taken(fd, QS_LOCK_SHARED_BASE + bit);
-            what = "shared";
+            what = "";
         }
         if (taken == 0 && (unshared & (1u << bit))) {
             taken = byte_taken(fd, QS_LOCK_PERM_BASE + bit);
-            what = "exclusive";
+            what = "shared ";
         }
         if (taken < 0) {
             return 0;
         }
         if (taken) {
             qs_fmt_err(err, errlen,
-                       "%s: failed to get %s \"%s\" lock: is another "
+                       "%s: Failed to get %s\"%s\" lock: is another "
                        "process using the image?",
                        path, what, perm_names[bit]);
             return -EAGAIN;

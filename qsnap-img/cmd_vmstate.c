@@ -130,8 +130,9 @@ fail:
  * Streams the file DIR/NAME into a new section NAME of CK.  Returns 0, or
  * a negative errno after printing the message (prefixed with PREFIX).
  */
-static int store_file(qsnap_checkpoint *ck, qsnap_image *img, const char *dir,
-                      const char *name, void *buf, const char *prefix)
+static int store_file(qsnap_checkpoint *ck, qsnap_image *img,
+                      const char *filename, const char *dir, const char *name,
+                      void *buf, const char *prefix)
 {
     char path[PATH_MAX];
     int ret = join_path(path, dir, name);
@@ -166,7 +167,7 @@ static int store_file(qsnap_checkpoint *ck, qsnap_image *img, const char *dir,
         ret = qsnap_checkpoint_section_end(ck);
     }
     if (ret < 0) {
-        qi_error("%s%s", prefix, qi_errmsg(img, ret));
+        qi_error("%s%s", prefix, qi_strip_path(qi_errmsg(img, ret), filename));
     }
     close(fd);
     return ret;
@@ -179,7 +180,6 @@ int qi_vmstate_store(qsnap_image *img, const char *filename, const char *name,
     char **names;
     size_t n;
 
-    (void)filename;
     snprintf(prefix, sizeof(prefix), "Could not create snapshot '%s': ", name);
     if (list_files(dir, &names, &n) < 0) {
         return -EIO;
@@ -206,7 +206,7 @@ int qi_vmstate_store(qsnap_image *img, const char *filename, const char *name,
         goto out;
     }
     for (size_t i = 0; i < n && ret == 0; i++) {
-        ret = store_file(ck, img, dir, names[i], buf, prefix);
+        ret = store_file(ck, img, filename, dir, names[i], buf, prefix);
     }
     if (ret < 0) {
         qsnap_checkpoint_abort(ck);
@@ -214,7 +214,7 @@ int qi_vmstate_store(qsnap_image *img, const char *filename, const char *name,
     }
     ret = qsnap_checkpoint_commit(ck);
     if (ret < 0) {
-        qi_error("%s%s", prefix, qi_errmsg(img, ret));
+        qi_error("%s%s", prefix, qi_strip_path(qi_errmsg(img, ret), filename));
     }
 out:
     free(buf);
@@ -433,11 +433,7 @@ static int parse_args(int argc, char **argv, int n_args, const char *usage,
             break;
         case 'h':
             qi_help();
-        case 'U':
-            if (!read_only) {
-                qi_getopt_error('?', argv);
-                return -1;
-            }
+        case 'U': /* only in the option string when READ_ONLY */
             ro->flags |= QSNAP_OPEN_FORCE_SHARE;
             break;
         case QI_OPT_OUTPUT:
