@@ -64,26 +64,28 @@ run_cmd()
     return 1
 }
 
-# time_cmd CMD...: runs CMD after a sync and sets $T to its wall time in
-# seconds (FAIL if it failed).
+# time_cmd CMD...: runs CMD (a program, not a function) after a sync;
+# sets $T to its wall time and $CPU to its user + system time in seconds
+# (both FAIL if it failed).  Needs $timeit, the bench/timeit.c helper.
 time_cmd()
 {
     sync
-    tc_t0=$(now)
-    if run_cmd "$@"; then
-        tc_t1=$(now)
-        T=$(elapsed "$tc_t0" "$tc_t1")
+    if run_cmd "$timeit" "$tmp/time" "$@"; then
+        T=$(awk '{ printf "%.4f", $1 }' "$tmp/time")
+        CPU=$(awk '{ printf "%.4f", $2 + $3 }' "$tmp/time")
     else
         T=FAIL
+        CPU=FAIL
     fi
 }
 
 # bench_cmd CMD...: runs a "bench"-style CMD after a sync and sets $T to
-# the time it reports ("Run completed in S seconds.").
+# the time it reports ("Run completed in S seconds.") and $CPU to the
+# whole process's user + system time.
 bench_cmd()
 {
-    sync
-    if run_cmd "$@"; then
+    time_cmd "$@"
+    if [ "$T" != FAIL ]; then
         T=$(sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p' \
             "$tmp/out")
         if [ -z "$T" ]; then
@@ -91,8 +93,6 @@ bench_cmd()
             bench_failed=1
             T=FAIL
         fi
-    else
-        T=FAIL
     fi
 }
 

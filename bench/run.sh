@@ -92,7 +92,7 @@ build_helper()
     "$CC" -O2 -std=gnu11 -I"$srcdir/include" -o "$tmp/$1" \
         "$here/$1.c" -L"$libdir" -lqsnap -Wl,-rpath,"$libdir"
 }
-for h in mkdata rawread snapbench vmsavebench; do
+for h in timeit mkdata rawread snapbench vmsavebench; do
     if ! build_helper "$h"; then
         say "run.sh: cannot build bench/$h.c"
         exit 1
@@ -108,6 +108,8 @@ order()
         echo "$3 $2"
     fi
 }
+
+timeit=$tmp/timeit
 
 wanted()
 {
@@ -196,6 +198,9 @@ workload_a()
         else
             a_rand=$(scaled_count 50000)
             a_seqr=$((a_n1m * 4))
+            # The O_DIRECT writes above dropped the images from the page
+            # cache: read them back in so cached runs start hot.
+            cat "$tmp/a-q.qcow2" "$tmp/a-s.qcow2" >/dev/null
         fi
         for a_d in 1 16; do
             a_opt="-t $a_t -d $a_d"
@@ -218,38 +223,57 @@ workload_a()
     done
     rm -f "$tmp/a-qe.qcow2" "$tmp/a-se.qcow2" "$tmp/a-empty.qcow2"
 
-    # Sequential read of the qcow2 image against pread() of a raw file.
+    rm -f "$tmp/a-q.qcow2" "$tmp/a-s.qcow2"
+
+    # Sequential read of a qcow2 image against pread() of a raw file.  Both
+    # are new, written the same way (O_DIRECT 1 MiB writes of the same
+    # bytes) and then read into the page cache the same way, so they start
+    # from the same page cache state (the images above have been rewritten
+    # through the cache in 4 KiB pieces, which makes later reads slower).
     say "== A: sequential read, qcow2 through qsnap-img vs raw pread"
-    run_cmd "$QEMU_IMG" convert -f qcow2 -O raw "$tmp/a-q.qcow2" \
-        "$tmp/a.raw"
-    rm -f "$tmp/a-q.qcow2"
-    cat "$tmp/a.raw" "$tmp/a-s.qcow2" >/dev/null
-    a_count=$((a_n1m * 4))
+    for a_fmt in qcow2 raw; do
+        run_cmd "$QEMU_IMG" create -q -f "$a_fmt" "$tmp/a2.$a_fmt" "$a_size"
+        run_cmd "$QEMU_IMG" bench -f "$a_fmt" -w -t none -d 16 -s 1M \
+            -c "$a_n1m" --pattern=90 "$tmp/a2.$a_fmt"
+    done
+    cat "$tmp/a2.raw" "$tmp/a2.qcow2" >/dev/null
+    a_count=$((a_n1m * 8))
     a_tq=
     a_tr=
+    a_cq=
+    a_cr=
+    a_reps=$((BENCH_REPS + 2))
     a_i=0
-    while [ "$a_i" -le "$BENCH_REPS" ]; do
+    while [ "$a_i" -le "$a_reps" ]; do
         for a_who in $(order "$a_i" r s); do
             if [ "$a_who" = r ]; then
-                bench_cmd "$tmp/rawread" "$tmp/a.raw" 1048576 "$a_count"
+                bench_cmd "$tmp/rawread" "$tmp/a2.raw" 1048576 "$a_count"
                 if [ "$a_i" -gt 0 ]; then
                     a_tr="$a_tr $T"
+                    a_cr="$a_cr $CPU"
                 fi
             else
                 bench_cmd "$qsnap_img" bench -f qcow2 -t writeback -d 1 \
-                    -s 1M -c "$a_count" "$tmp/a-s.qcow2"
+                    -s 1M -c "$a_count" "$tmp/a2.qcow2"
                 if [ "$a_i" -gt 0 ]; then
                     a_tq="$a_tq $T"
+                    a_cq="$a_cq $CPU"
                 fi
             fi
         done
         a_i=$((a_i + 1))
     done
     # shellcheck disable=SC2086
-    add_row "A2. sequential read, hot page cache: qcow2 via qsnap-img bench vs raw file via pread (run time)" \
-        "raw pread" "1M seq read -t writeback -d 1 (x$a_count)" \
+    a_sec="A2. sequential read, hot page cache: qcow2 via qsnap-img bench"
+    a_sec="$a_sec vs raw file via pread (median of $a_reps)"
+    # shellcheck disable=SC2086
+    add_row "$a_sec" "raw pread" \
+        "1M seq read -t writeback -d 1 (x$a_count)" \
         "$(median $a_tq)" "$(median $a_tr)" time ">=0.9"
-    rm -f "$tmp/a.raw" "$tmp/a-s.qcow2"
+    # shellcheck disable=SC2086
+    add_row "$a_sec" "raw pread" "  CPU time (user+sys, whole process)" \
+        "$(median $a_cq)" "$(median $a_cr)" time ""
+    rm -f "$tmp/a2.raw" "$tmp/a2.qcow2"
 }
 
 # ------------------------------------------------------------------ B
@@ -265,6 +289,8 @@ workload_b()
     for b_type in zlib zstd; do
         b_tq=
         b_ts=
+        b_cq=
+        b_cs=
         b_sq=
         b_ss=
         b_i=1
@@ -275,10 +301,12 @@ workload_b()
                     time_cmd "$QEMU_IMG" convert -c -f raw -O qcow2 \
                         -o compression_type="$b_type" "$tmp/b.raw" "$b_out"
                     b_tq="$b_tq $T"
+                    b_cq="$b_cq $CPU"
                 else
                     time_cmd "$qsnap_img" convert -c -f raw -O qcow2 \
                         -o compression_type="$b_type" "$tmp/b.raw" "$b_out"
                     b_ts="$b_ts $T"
+                    b_cs="$b_cs $CPU"
                 fi
                 b_sz=FAIL
                 if [ "$T" != FAIL ]; then
@@ -301,6 +329,10 @@ workload_b()
             "$(median $b_tq)" time ">=1.5"
         # shellcheck disable=SC2086
         add_row "B. convert -c -O qcow2 of a semi-compressible raw image" \
+            qemu-img "convert -c $b_type: CPU time (user+sys)" \
+            "$(median $b_cs)" "$(median $b_cq)" time ""
+        # shellcheck disable=SC2086
+        add_row "B. convert -c -O qcow2 of a semi-compressible raw image" \
             qemu-img "convert -c $b_type: output file size" \
             "$(median $b_ss)" "$b_mq" size "~0.01"
         if [ "$b_mq" != FAIL ]; then
@@ -313,16 +345,6 @@ workload_b()
 }
 
 # ------------------------------------------------------------------ C
-# shellcheck disable=SC2317 # called through time_cmd
-snap_qsnap()
-{
-    if [ "$snap_cli" = 1 ]; then
-        "$qsnap_img" snapshot "$@"
-    else
-        "$tmp/snapbench" "$@"
-    fi
-}
-
 workload_c()
 {
     c_vsize=$(scaled 17179869184 268435456)
@@ -335,9 +357,9 @@ workload_c()
     run_cmd "$QEMU_IMG" bench -f qcow2 -w -t none -d 16 -s 64k -S 256k \
         -c $((c_wsize / 65536)) --pattern=165 "$tmp/c-q.qcow2"
     cp "$tmp/c-q.qcow2" "$tmp/c-s.qcow2"
-    snap_cli=0
+    c_prog=$tmp/snapbench
     if "$qsnap_img" snapshot -l "$tmp/c-s.qcow2" >/dev/null 2>&1; then
-        snap_cli=1
+        c_prog=$qsnap_img
         note "C: qsnap side: qsnap-img snapshot -c/-d"
     else
         note "C: qsnap side: bench/snapbench.c (qsnap_snapshot_create/" \
@@ -372,9 +394,9 @@ workload_c()
                         c_dq="$c_dq $c_td"
                     fi
                 else
-                    time_cmd snap_qsnap -c bench "$tmp/c-s.qcow2"
+                    time_cmd "$c_prog" snapshot -c bench "$tmp/c-s.qcow2"
                     c_tc=$T
-                    time_cmd snap_qsnap -d bench "$tmp/c-s.qcow2"
+                    time_cmd "$c_prog" snapshot -d bench "$tmp/c-s.qcow2"
                     c_td=$T
                     if [ "$c_i" -gt 0 ]; then
                         c_cs="$c_cs $c_tc"
@@ -454,6 +476,7 @@ workload_d()
         size ""
 }
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 start=$(now)
 say "qsnap benchmarks: scale $BENCH_SCALE, $BENCH_REPS timed runs each," \
     "scratch in $tmp"
@@ -468,16 +491,20 @@ for w in A B C D; do
     fi
 done
 end=$(now)
+load_end=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 
 echo
 echo "qsnap benchmark results ($(uname -m), $(nproc) CPUs," \
     "$("$QEMU_IMG" --version | head -n 1))"
-echo "BENCH_SCALE=$BENCH_SCALE; each figure is the median of $BENCH_REPS" \
-    "runs (snapshots: $((BENCH_REPS + 2)))"
-echo "after an untimed warm-up, the two sides alternating, sync before each"
-echo "run.  ratio: for times reference / qsnap, so above 1.00x means qsnap"
-echo "is FASTER; for sizes qsnap / reference, so below 1.00x means qsnap is"
-echo "SMALLER."
+cat <<EOF
+BENCH_SCALE=$BENCH_SCALE.  Each time is the median of $BENCH_REPS runs (A2 and
+snapshots: $((BENCH_REPS + 2))) after an untimed warm-up, the two sides
+alternating, with a sync before each run.  Whole-command times come from
+bench/timeit.c; bench rows use the time the tool itself reports.
+ratio: for times, reference / qsnap: above 1.00x means qsnap is FASTER;
+       for sizes, qsnap / reference: below 1.00x means qsnap is SMALLER.
+Load average at the start: $load_start; at the end: $load_end.
+EOF
 print_table "$results"
 echo
 sed 's/^/note: /' "$notes"

@@ -2,12 +2,13 @@
  * snapbench.c - creates or deletes one internal snapshot through the
  * library, for timing against "qemu-img snapshot -c/-d".
  *
- *   snapbench -c NAME FILE
- *   snapbench -d NAME FILE
+ *   snapbench [snapshot] -c NAME FILE
+ *   snapbench [snapshot] -d NAME FILE
  *
  * Opens FILE read-write, calls qsnap_snapshot_create() or
  * qsnap_snapshot_delete(), and closes it (which flushes), just as the
- * snapshot command of an image tool does.
+ * snapshot command of an image tool does.  The optional first word lets
+ * it stand in for "qsnap-img" in a "snapshot -c NAME FILE" command line.
  */
 #include <stdio.h>
 #include <string.h>
@@ -16,9 +17,13 @@
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "snapshot") == 0) {
+        argc--;
+        argv++;
+    }
     if (argc != 4 || (strcmp(argv[1], "-c") != 0 &&
                       strcmp(argv[1], "-d") != 0)) {
-        fprintf(stderr, "usage: snapbench -c|-d NAME FILE\n");
+        fprintf(stderr, "usage: snapbench [snapshot] -c|-d NAME FILE\n");
         return 2;
     }
     const bool create = strcmp(argv[1], "-c") == 0;

@@ -149,8 +149,15 @@ QSNAP_API int qsnap_create(const char *path,
                            const struct qsnap_create_opts *opts, char *err,
                            size_t errlen);
 
-/* The handle's last error message ("" if none).  Owned by the handle. */
+/*
+ * The handle's last error message ("" if none).  Owned by the handle and
+ * overwritten by the next failure on any thread; threads sharing a handle
+ * should use qsnap_errmsg_copy().
+ */
 QSNAP_API const char *qsnap_errmsg(const qsnap_image *img);
+
+/* Copies the last error message into buf (always NUL-terminated). */
+QSNAP_API void qsnap_errmsg_copy(qsnap_image *img, char *buf, size_t len);
 
 /* ------------------------------------------------------------------ */
 /* Information                                                        */
@@ -380,6 +387,11 @@ typedef void (*qsnap_progress_fn)(void *opaque, uint64_t done,
 QSNAP_API int qsnap_compact(qsnap_image *img, qsnap_progress_fn progress,
                             void *opaque);
 
+/*
+ * Views and VM state readers may be used from several threads at once
+ * (reads take the image's lock shared; a VM state reader serialises its
+ * chunk cache internally); close them before closing their image.
+ */
 typedef struct qsnap_view qsnap_view;
 
 /*

@@ -85,26 +85,25 @@ static int backing_name_for(const struct qsnap_image *img,
     return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
 }
 
-/* Points img's header at `target` (NULL: no backing file). */
-static int set_backing(struct qsnap_image *img, const char *target,
-                       const char *fmt)
+/*
+ * Records `name` (NULL: none) and `fmt` as img's backing file and opens
+ * the new chain.  With `may_be_missing` an unopenable backing file is
+ * accepted (an unsafe rebase may name a file that comes later).
+ */
+static int set_backing_name(struct qsnap_image *img, const char *name,
+                            const char *fmt, bool may_be_missing)
 {
-    char name[QS_MAX_BACKING_NAME + 1] = "";
-    if (target) {
-        int ret = backing_name_for(img, target, name, sizeof(name));
-        if (ret < 0) {
-            return qs_error(img, ret,
-                            "%s: cannot name backing file %s (at most %u "
-                            "bytes)",
-                            img->filename, target, QS_MAX_BACKING_NAME);
-        }
+    if (name && strlen(name) > QS_MAX_BACKING_NAME) {
+        return qs_error(img, -ENAMETOOLONG,
+                        "%s: backing file name is %zu bytes (at most %u)",
+                        img->filename, strlen(name), QS_MAX_BACKING_NAME);
     }
     pthread_rwlock_wrlock(&img->lock);
     struct qs_header old = img->hdr;
     snprintf(img->hdr.backing_file, sizeof(img->hdr.backing_file), "%s",
-             name);
+             name ? name : "");
     snprintf(img->hdr.backing_fmt, sizeof(img->hdr.backing_fmt), "%s",
-             target && fmt ? fmt : "");
+             name && fmt ? fmt : "");
     /* The data this switch relies on is on disk first (invariant 1). */
     int ret = qs_meta_sync(img);
     if (ret == 0) {
@@ -120,9 +119,30 @@ static int set_backing(struct qsnap_image *img, const char *target,
                sizeof(old.backing_fmt));
     } else {
         ret = qs_reopen_backing(img);
+        if (ret < 0 && may_be_missing) {
+            img->backing = NULL;
+            ret = 0;
+        }
     }
     pthread_rwlock_unlock(&img->lock);
     return ret;
+}
+
+/* Points img's header at the file `target` (NULL: no backing file). */
+static int set_backing(struct qsnap_image *img, const char *target,
+                       const char *fmt)
+{
+    char name[QS_MAX_BACKING_NAME + 1] = "";
+    if (target) {
+        int ret = backing_name_for(img, target, name, sizeof(name));
+        if (ret < 0) {
+            return qs_error(img, ret,
+                            "%s: cannot name backing file %s (at most %u "
+                            "bytes)",
+                            img->filename, target, QS_MAX_BACKING_NAME);
+        }
+    }
+    return set_backing_name(img, target ? name : NULL, fmt, false);
 }
 
 static int open_rw(const char *path, int format, qsnap_image **out,
@@ -485,10 +505,8 @@ QSNAP_API int qsnap_rebase(qsnap_image *img, const char *backing,
     }
     free(a);
     free(b);
-    char target[PATH_MAX] = "";
     const char *fmt = NULL;
     if (ret == 0 && nb) {
-        snprintf(target, sizeof(target), "%s", nb->filename);
         fmt = fmt_name(nb->format);
     }
     if (nb) {
@@ -498,27 +516,10 @@ QSNAP_API int qsnap_rebase(qsnap_image *img, const char *backing,
         ret = qsnap_flush(img);
     }
     if (ret == 0) {
-        if (none) {
-            ret = set_backing(img, NULL, NULL);
-        } else if (flags & QSNAP_REBASE_UNSAFE) {
-            /* Unsafe: record the name exactly as given. */
-            pthread_rwlock_wrlock(&img->lock);
-            snprintf(img->hdr.backing_file, sizeof(img->hdr.backing_file),
-                     "%s", backing);
-            snprintf(img->hdr.backing_fmt, sizeof(img->hdr.backing_fmt),
-                     "%s", fmt ? fmt : (backing_fmt ? backing_fmt : ""));
-            ret = qs_header_write(img);
-            if (ret == 0) {
-                ret = qs_io_flush(img->io);
-            }
-            if (ret == 0 && qs_reopen_backing(img) < 0) {
-                /* -u may name a file that is not there (yet): allowed. */
-                img->backing = NULL;
-            }
-            pthread_rwlock_unlock(&img->lock);
-        } else {
-            ret = set_backing(img, target, fmt);
-        }
+        /* The name is recorded as given, as qemu-img does. */
+        const char *rfmt = fmt ? fmt : backing_fmt;
+        ret = set_backing_name(img, none ? NULL : backing, rfmt,
+                               flags & QSNAP_REBASE_UNSAFE);
     }
     return ret;
 }
@@ -696,8 +697,10 @@ QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
     const bool same_dir = (cs ? cs - child_path : 0) == (ls ? ls - lpath : 0) &&
                           strncmp(child_path, lpath,
                                   (size_t)(cs ? cs - child_path : 0)) == 0;
+    /* A larger layer in the child's place would grow what it shows. */
     const bool can_commit = child_fmt == QSNAP_FMT_QCOW2 &&
                             layer_fmt == QSNAP_FMT_QCOW2 && !child_snaps &&
+                            layer->virtual_size <= child->virtual_size &&
                             (same_dir || !below ||
                              layer->hdr.backing_file[0] == '/');
     uint64_t stream_cost = 0, commit_cost = 0;
@@ -713,8 +716,8 @@ QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
         if (!can_commit) {
             qs_fmt_err(err, errlen,
                        "%s: cannot commit %s into %s (both must be qcow2, "
-                       "the child without internal snapshots, in one "
-                       "directory)",
+                       "the child without internal snapshots and no "
+                       "smaller than the layer, in one directory)",
                        top_path, child_path, lpath);
             return -EINVAL;
         }
@@ -758,10 +761,10 @@ QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
                               below ? fmt_name(below_fmt) : NULL);
         }
     }
-    if (ret < 0 && dst && err && !err[0]) {
+    if (ret < 0 && dst && qsnap_errmsg(dst)[0]) {
         qs_fmt_err(err, errlen, "%s", qsnap_errmsg(dst));
-    } else if (ret < 0 && dst && err) {
-        qs_fmt_err(err, errlen, "%s", qsnap_errmsg(dst));
+    } else if (ret < 0 && src && qsnap_errmsg(src)[0]) {
+        qs_fmt_err(err, errlen, "%s", qsnap_errmsg(src));
     }
     if (src) {
         qsnap_close(src);

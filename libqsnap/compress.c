@@ -10,6 +10,9 @@
 #include "config.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 #include <zstd.h>
@@ -17,24 +20,73 @@
 
 #include "qs_int.h"
 
+/*
+ * Compression contexts are kept per thread and reset between clusters:
+ * setting one up costs more than compressing a small cluster.
+ */
+struct codec_ctx {
+    z_stream zs;
+    bool zs_ready;
+    ZSTD_CCtx *zc;
+};
+
+static pthread_key_t ctx_key;
+static pthread_once_t ctx_once = PTHREAD_ONCE_INIT;
+
+static void ctx_free(void *p)
+{
+    struct codec_ctx *c = p;
+    if (c->zs_ready) {
+        deflateEnd(&c->zs);
+    }
+    ZSTD_freeCCtx(c->zc);
+    free(c);
+}
+
+static void ctx_key_init(void)
+{
+    pthread_key_create(&ctx_key, ctx_free);
+}
+
+static struct codec_ctx *thread_ctx(void)
+{
+    pthread_once(&ctx_once, ctx_key_init);
+    struct codec_ctx *c = pthread_getspecific(ctx_key);
+    if (!c) {
+        c = calloc(1, sizeof(*c));
+        if (c && pthread_setspecific(ctx_key, c) != 0) {
+            free(c);
+            c = NULL;
+        }
+    }
+    return c;
+}
+
 static ssize_t deflate_cluster(void *dst, size_t dst_len, const void *src,
                                size_t src_len)
 {
-    z_stream zs;
-    memset(&zs, 0, sizeof(zs));
-    if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                     Z_DEFAULT_STRATEGY) != Z_OK) {
+    struct codec_ctx *c = thread_ctx();
+    if (!c) {
+        return -ENOMEM;
+    }
+    z_stream *zs = &c->zs;
+    if (!c->zs_ready) {
+        memset(zs, 0, sizeof(*zs));
+        /* Raw deflate with a 4 KiB window, as QEMU writes it. */
+        if (deflateInit2(zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                         Z_DEFAULT_STRATEGY) != Z_OK) {
+            return -EIO;
+        }
+        c->zs_ready = true;
+    } else if (deflateReset(zs) != Z_OK) {
         return -EIO;
     }
-    zs.next_in = (Bytef *)src;
-    zs.avail_in = (uInt)src_len;
-    zs.next_out = dst;
-    zs.avail_out = (uInt)dst_len;
-    int r = deflate(&zs, Z_FINISH);
-    ssize_t ret =
-        r == Z_STREAM_END ? (ssize_t)(dst_len - zs.avail_out) : -ENOSPC;
-    deflateEnd(&zs);
-    return ret;
+    zs->next_in = (Bytef *)src;
+    zs->avail_in = (uInt)src_len;
+    zs->next_out = dst;
+    zs->avail_out = (uInt)dst_len;
+    int r = deflate(zs, Z_FINISH);
+    return r == Z_STREAM_END ? (ssize_t)(dst_len - zs->avail_out) : -ENOSPC;
 }
 
 static int inflate_cluster(void *dst, size_t dst_len, const void *src,
@@ -59,10 +111,18 @@ static int inflate_cluster(void *dst, size_t dst_len, const void *src,
     return ret;
 }
 
-static ssize_t zstd_compress_cluster(void *dst, size_t dst_len, const void *src,
-                                     size_t src_len)
+static ssize_t zstd_compress_cluster(void *dst, size_t dst_len,
+                                     const void *src, size_t src_len)
 {
-    size_t r = ZSTD_compress(dst, dst_len, src, src_len, ZSTD_CLEVEL_DEFAULT);
+    struct codec_ctx *c = thread_ctx();
+    if (!c) {
+        return -ENOMEM;
+    }
+    if (!c->zc && !(c->zc = ZSTD_createCCtx())) {
+        return -ENOMEM;
+    }
+    size_t r = ZSTD_compressCCtx(c->zc, dst, dst_len, src, src_len,
+                                 ZSTD_CLEVEL_DEFAULT);
     if (ZSTD_isError(r)) {
         return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? -ENOSPC
                                                                    : -EIO;

@@ -78,3 +78,17 @@ QSNAP_API const char *qsnap_errmsg(const qsnap_image *img)
 {
     return img ? img->errmsg : "";
 }
+
+QSNAP_API void qsnap_errmsg_copy(qsnap_image *img, char *buf, size_t len)
+{
+    if (!buf || len == 0) {
+        return;
+    }
+    if (!img) {
+        buf[0] = '\0';
+        return;
+    }
+    pthread_mutex_lock(&img->err_mtx);
+    snprintf(buf, len, "%s", img->errmsg);
+    pthread_mutex_unlock(&img->err_mtx);
+}

@@ -1195,6 +1195,18 @@ static int resize_locked(struct qsnap_image *img, uint64_t new_size,
     if (ret < 0) {
         return ret;
     }
+    if (new_size > old && img->backing && img->backing->virtual_size > old) {
+        /* The new area must read as zeros, not as the longer backing
+         * file's data (nor what a partial last cluster copied of it). */
+        const uint64_t end = QS_MIN(new_size, img->backing->virtual_size);
+        ret = qs_zero(img, old, end - old, QS_ZERO_WRITE, true);
+        if (ret == 0) {
+            ret = qs_meta_sync(img);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
     uint8_t f[8];
     qs_be64_store(f, new_size);
     ret = qs_header_write_field(img, QS_HDR_OFF_SIZE, f, 8);
@@ -1287,7 +1299,8 @@ QSNAP_API int qsnap_block_status(qsnap_image *img, uint64_t offset,
         if (img->backing) {
             struct qsnap_image *b = img->backing;
             if (offset >= b->virtual_size) {
-                *flags = QSNAP_BS_ZERO;
+                /* Past its end the backing layer decides: zeros. */
+                *flags = QSNAP_BS_ZERO | QSNAP_BS_ALLOCATED;
                 if (depth) {
                     *depth = 1;
                 }

@@ -275,8 +275,8 @@ static int build_snap_info(char **out, size_t *len, void *arg)
 }
 
 /* Fills the attributes of a node. */
-static int node_stat(struct qf_fs *fs, const struct qf_node *n,
-                     fuse_ino_t ino, struct stat *st)
+static int node_stat(struct qf_fs *fs, const struct qf_node *n, fuse_ino_t ino,
+                     struct stat *st)
 {
     const mode_t dir_mode = S_IFDIR | 0555;
     struct qf_snap *sn = n->snap;
@@ -371,8 +371,7 @@ static int node_stat(struct qf_fs *fs, const struct qf_node *n,
 /* Attribute timeout: the JSON files change under the kernel's feet. */
 static double attr_timeout(const struct qf_node *n)
 {
-    return (n->type == QF_T_INFO || n->type == QF_T_SN_INFO) ? 0.0
-                                                              : QF_TIMEOUT;
+    return (n->type == QF_T_INFO || n->type == QF_T_SN_INFO) ? 0.0 : QF_TIMEOUT;
 }
 
 static void reply_entry(fuse_req_t req, struct qf_fs *fs,
@@ -413,12 +412,10 @@ static int lookup_child(struct qf_fs *fs, const struct qf_node *p,
         }
         return 0;
     case QF_T_SNAPSHOTS: {
-        pthread_mutex_lock(&fs->snap_lock);
-        const int ret = qf_snap_refresh(fs);
-        pthread_mutex_unlock(&fs->snap_lock);
-        if (ret < 0) {
-            return ret;
-        }
+        /*
+         * The table changes only through this mount (a read-only handle
+         * does not follow other writers), and every change refreshes it.
+         */
         n->snap = qf_snap_get_fname(fs, name);
         if (!n->snap) {
             return -ENOENT;
@@ -440,13 +437,16 @@ static int lookup_child(struct qf_fs *fs, const struct qf_node *p,
     case QF_T_SN_DIR: {
         struct qf_snap *sn = p->snap;
         unsigned off;
+        pthread_mutex_lock(&fs->lock);
+        const bool has_state = sn->vm_state_size != 0;
+        pthread_mutex_unlock(&fs->lock);
         if (strcmp(name, "disk") == 0) {
             n->type = QF_T_SN_DISK;
             off = QF_SN_DISK;
         } else if (strcmp(name, "info.json") == 0) {
             n->type = QF_T_SN_INFO;
             off = QF_SN_INFO;
-        } else if (strcmp(name, "vmstate") == 0 && sn->vm_state_size) {
+        } else if (strcmp(name, "vmstate") == 0 && has_state) {
             n->type = QF_T_SN_VMDIR;
             off = QF_SN_VMDIR;
         } else {
@@ -655,12 +655,13 @@ static void list_dir(fuse_req_t req, struct qf_fs *fs, const struct qf_node *n,
         break;
     case QF_T_SN_DIR:
         dirbuf_add(req, b, "disk", snap_ino(n->snap, QF_SN_DISK), S_IFREG);
-        dirbuf_add(req, b, "info.json", snap_ino(n->snap, QF_SN_INFO),
-                   S_IFREG);
+        dirbuf_add(req, b, "info.json", snap_ino(n->snap, QF_SN_INFO), S_IFREG);
+        pthread_mutex_lock(&fs->lock);
         if (n->snap->vm_state_size) {
             dirbuf_add(req, b, "vmstate", snap_ino(n->snap, QF_SN_VMDIR),
                        S_IFDIR);
         }
+        pthread_mutex_unlock(&fs->lock);
         break;
     case QF_T_SN_VMDIR: {
         struct qf_snap *sn = n->snap;
@@ -749,8 +750,17 @@ static void qf_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_buf(req, NULL, 0);
         return;
     }
+    /* A copy, for the reason given in qf_read(). */
     const size_t left = b->size - (size_t)off;
-    fuse_reply_buf(req, b->p + off, left < size ? left : size);
+    const size_t len = left < size ? left : size;
+    char *copy = malloc(len);
+    if (!copy) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    memcpy(copy, b->p + off, len);
+    fuse_reply_buf(req, copy, len);
+    free(copy);
 }
 
 static void qf_releasedir(fuse_req_t req, fuse_ino_t ino,
@@ -959,6 +969,10 @@ static int open_node(struct qf_fs *fs, struct qf_node *n, struct qf_handle *h,
     fi->noflush = 1;
     switch (n->type) {
     case QF_T_DISK:
+        if (wr && (fi->flags & O_TRUNC)) {
+            /* It would shrink the disk to nothing (as truncate does). */
+            return -EPERM;
+        }
         h->kind = QF_K_DISK;
         return 0;
     case QF_T_INFO:
@@ -1134,10 +1148,11 @@ static void qf_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         return;
     }
     const size_t len = (uint64_t)off + size > end ? (size_t)(end - off) : size;
-    if (h->kind == QF_K_TEXT) {
-        fuse_reply_buf(req, h->text + off, len);
-        return;
-    }
+    /*
+     * Always a private buffer, even for text: once the reply is written
+     * the reader may close and the release free the handle's text at once,
+     * while a sanitizer still inspects the reply's buffers.
+     */
     char *buf = malloc(len);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
@@ -1165,9 +1180,13 @@ static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
         return;
     }
     const uint64_t end = disk_size(fs);
+    if (size == 0) {
+        fuse_reply_write(req, 0);
+        return;
+    }
     if (off < 0 || (uint64_t)off >= end) {
         /* A disk does not grow by writing past its end. */
-        fuse_reply_err(req, size ? ENOSPC : 0);
+        fuse_reply_err(req, ENOSPC);
         return;
     }
     /* A write running over the end is cut short, as on a block device. */
@@ -1199,9 +1218,8 @@ static void qf_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
     reply_ret(req, ret);
 }
 
-static void qf_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
-                         off_t offset, off_t length,
-                         struct fuse_file_info *fi)
+static void qf_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                         off_t length, struct fuse_file_info *fi)
 {
     struct qf_fs *fs = fs_of(req);
     const struct qf_handle *h = (const struct qf_handle *)(uintptr_t)fi->fh;

@@ -210,8 +210,9 @@ static size_t *print_order(const struct jobj *o)
         for (size_t i = 1; i < o->n; i++) {
             const size_t cur = ord[i];
             size_t j = i;
-            while (j > 0 && (bkt[ord[j - 1]] > bkt[cur] ||
-                             (bkt[ord[j - 1]] == bkt[cur] && ord[j - 1] < cur))) {
+            while (j > 0 &&
+                   (bkt[ord[j - 1]] > bkt[cur] ||
+                    (bkt[ord[j - 1]] == bkt[cur] && ord[j - 1] < cur))) {
                 ord[j] = ord[j - 1];
                 j--;
             }

@@ -41,12 +41,10 @@ struct cmdline {
 
 enum { KEY_RW, KEY_RO };
 
-#define QF_OPT(t, p) {t, offsetof(struct cmdline, p), 1}
-
 static const struct fuse_opt opt_spec[] = {
     {"format=%s", offsetof(struct cmdline, format), 0},
     {"cache_size=%s", offsetof(struct cmdline, cache_size), 0},
-    QF_OPT("direct_io", direct_io),
+    {"direct_io", offsetof(struct cmdline, direct_io), 1},
     FUSE_OPT_KEY("rw", KEY_RW),
     FUSE_OPT_KEY("ro", KEY_RO),
     FUSE_OPT_END,
@@ -153,6 +151,14 @@ static int add_escaped_opt(struct fuse_args *args, const char *name,
     return ret;
 }
 
+/* -omax_read=QF_MAX_IO, as qf_init() sets conn->max_read. */
+static int add_max_read(struct fuse_args *args)
+{
+    char opt[64];
+    snprintf(opt, sizeof(opt), "-omax_read=%u", QF_MAX_IO);
+    return fuse_opt_add_arg(args, opt);
+}
+
 static int open_image(struct qf_fs *fs, const struct cmdline *c)
 {
     struct qsnap_open_opts o;
@@ -241,8 +247,13 @@ static int run_session(struct qf_fs *fs, struct fuse_args *args,
             goto unmount;
         }
         fuse_loop_cfg_set_clone_fd(cfg, (unsigned)co->clone_fd);
-        fuse_loop_cfg_set_idle_threads(cfg, co->max_idle_threads);
-        fuse_loop_cfg_set_max_threads(cfg, co->max_threads);
+        /* UINT_MAX: not given, keep libfuse's default. */
+        if (co->max_idle_threads != UINT_MAX) {
+            fuse_loop_cfg_set_idle_threads(cfg, co->max_idle_threads);
+        }
+        if (co->max_threads != UINT_MAX) {
+            fuse_loop_cfg_set_max_threads(cfg, co->max_threads);
+        }
         ret = fuse_session_loop_mt(se, cfg);
         fuse_loop_cfg_destroy(cfg);
     }
@@ -281,6 +292,7 @@ int main(int argc, char **argv)
     }
     if (co.show_help) {
         usage();
+        fflush(stdout);
         fuse_cmdline_help();
         fuse_lowlevel_help();
         status = 0;
@@ -289,6 +301,7 @@ int main(int argc, char **argv)
     if (co.show_version) {
         printf("%s (libqsnap %s, libfuse %s)\n", QF_PROG, qsnap_version(),
                fuse_pkgversion());
+        fflush(stdout);
         fuse_lowlevel_version();
         status = 0;
         goto out;
@@ -305,8 +318,7 @@ int main(int argc, char **argv)
     fs.o.foreground = co.foreground;
     fs.o.debug = co.debug;
     if (c.cache_size && parse_size(c.cache_size, &fs.o.cache_size) < 0) {
-        fprintf(stderr, "%s: invalid cache_size '%s'\n", QF_PROG,
-                c.cache_size);
+        fprintf(stderr, "%s: invalid cache_size '%s'\n", QF_PROG, c.cache_size);
         goto out;
     }
     fs.image_path = realpath(c.image, NULL);
@@ -335,7 +347,7 @@ int main(int argc, char **argv)
         fuse_opt_add_arg(&args, "-odefault_permissions") != 0 ||
         fuse_opt_add_arg(&args, "-osubtype=qsnap") != 0 ||
         add_escaped_opt(&args, "fsname", fs.image_path) != 0 ||
-        fuse_opt_add_arg(&args, "-omax_read=1048576") != 0) {
+        add_max_read(&args) != 0) {
         fprintf(stderr, "%s: %s\n", QF_PROG, strerror(ENOMEM));
         goto fini;
     }

@@ -4,8 +4,8 @@
  * the backing chain.
  *
  * The image's snapshot table is the truth; fs->snaps mirrors it and is
- * refreshed whenever snapshots/ is listed or searched and after every
- * change made through the mount.  Entries are matched across refreshes by
+ * refreshed at mount, whenever snapshots/ is listed and around every
+ * change made through the mount (the only changes the handle sees).  Entries are matched across refreshes by
  * ID and creation date, so a snapshot keeps its inode numbers (and the
  * kernel its cached pages) through renames, while a snapshot deleted and
  * re-created under the same ID gets new ones.
@@ -326,16 +326,16 @@ int qf_snap_refresh(struct qf_fs *fs)
 
     pthread_mutex_lock(&fs->lock);
     /* Match by ID and date; allocate entries for new snapshots. */
+    for (size_t k = 0; k < fs->n_snaps; k++) {
+        fs->snaps[k]->matched = false;
+    }
     for (uint32_t i = 0; i < n; i++) {
         for (size_t k = 0; k < fs->n_snaps && !p[i].sn; k++) {
             struct qf_snap *old = fs->snaps[k];
-            bool taken = false;
-            for (uint32_t j = 0; j < i; j++) {
-                taken = taken || p[j].sn == old;
-            }
-            if (!taken && strcmp(old->id, list[i].id) == 0 &&
+            if (!old->matched && strcmp(old->id, list[i].id) == 0 &&
                 old->date_sec == list[i].date_sec &&
                 old->date_nsec == list[i].date_nsec) {
+                old->matched = true;
                 p[i].sn = old;
             }
         }

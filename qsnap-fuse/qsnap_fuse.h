@@ -114,6 +114,7 @@ struct qf_snap {
     uint64_t num;  /* inode range number (invariant 2) */
     unsigned refs; /* the table's reference + one per user */
     bool present;  /* still in the image's snapshot table */
+    bool matched;  /* scratch for qf_snap_refresh() */
     char *id;
     char *name;
     char *fname; /* directory name under snapshots/ */

@@ -146,20 +146,6 @@ static int parse_int_opt(const char *arg, uint64_t max, uint64_t *out)
     return qi_parse_uint(arg, out) < 0 || *out > max ? -1 : 0;
 }
 
-static int parse_cache(const char *mode, unsigned *flags)
-{
-    if (strcmp(mode, "none") == 0) {
-        *flags |= QSNAP_OPEN_NOCACHE;
-    } else if (strcmp(mode, "directsync") == 0) {
-        *flags |= QSNAP_OPEN_NOCACHE | QSNAP_OPEN_WRITETHROUGH;
-    } else if (strcmp(mode, "writethrough") == 0) {
-        *flags |= QSNAP_OPEN_WRITETHROUGH;
-    } else if (strcmp(mode, "writeback") != 0 && strcmp(mode, "unsafe") != 0) {
-        return -1;
-    }
-    return 0;
-}
-
 int qi_cmd_bench(int argc, char **argv)
 {
     static const struct option long_opts[] = {
@@ -225,7 +211,7 @@ int qi_cmd_bench(int argc, char **argv)
             }
             break;
         case 't':
-            if (parse_cache(optarg, &flags) < 0) {
+            if (qi_parse_cache(optarg, &flags) < 0) {
                 qi_error("Invalid cache mode");
                 return 1;
             }

@@ -20,13 +20,6 @@
 
 #include "qsnap_img.h"
 
-static void progress_cb(void *opaque, uint64_t done, uint64_t total)
-{
-    (void)opaque;
-    qi_progress_print(
-        total ? (float)((double)done * 100.0 / (double)total) : 100.0f, 0);
-}
-
 /* The apparent size of FILENAME; prints the error on failure. */
 static int file_size(const char *filename, uint64_t *size)
 {
@@ -91,13 +84,9 @@ int qi_cmd_compact(int argc, char **argv)
         qsnap_close(img);
         return 1;
     }
-    qi_progress_init(progress && !quiet, 1.0f);
-    qi_progress_print(0, 100);
-    int ret = qsnap_compact(img, progress_cb, NULL);
-    if (ret == 0) {
-        qi_progress_print(100, 0);
-    }
-    qi_progress_end();
+    qi_progress_start(progress && !quiet);
+    int ret = qsnap_compact(img, qi_progress_cb, NULL);
+    qi_progress_done(ret == 0);
     if (ret < 0) {
         qi_error("Could not compact '%s': %s", filename,
                  qi_strip_path(qi_errmsg(img, ret), filename));

@@ -600,13 +600,9 @@ int qi_cmd_convert(int argc, char **argv)
         cv.granule = dinfo.cluster_size;
     }
 
-    qi_progress_init(progress, 1.0f);
-    qi_progress_print(0, 100);
+    qi_progress_start(progress);
     ret = run_copy(&cv, (int)n_threads);
-    if (ret == 0) {
-        qi_progress_print(100, 0);
-    }
-    qi_progress_end();
+    qi_progress_done(ret == 0);
     if (ret < 0) {
         goto out;
     }

@@ -95,6 +95,10 @@ static int probe_backing(const char *filename,
         return -1;
     }
     *size = info.virtual_size;
+    if (info.format == QSNAP_FMT_RAW) {
+        /* QEMU counts whole sectors: a raw tail rounds up. */
+        *size = (*size + 511) & ~511ull;
+    }
     *detected = qi_format_name(info.format);
     qsnap_close(b);
     return 0;
@@ -210,11 +214,15 @@ int qi_cmd_create(int argc, char **argv)
     }
 
     if (o->backing_file && !o->backing_fmt) {
+        /* As qemu-img: a backing file that does not open is named first. */
         uint64_t bsize;
         const char *detected = NULL;
+        if (!unsafe && probe_backing(filename, o, &bsize, &detected) < 0) {
+            goto out;
+        }
         qi_error_file(filename,
                       "Backing file specified without backing format");
-        if (!unsafe && probe_backing(filename, o, &bsize, &detected) == 0) {
+        if (detected) {
             fprintf(stderr, "Detected format of %s.\n", detected);
         }
         goto out;

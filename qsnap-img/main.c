@@ -23,6 +23,8 @@ static const struct qi_command commands[] = {
      "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename"},
     {"check", qi_cmd_check,
      "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename"},
+    {"commit", qi_cmd_commit,
+     "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename"},
     {"compact", qi_cmd_compact, "compact [-f fmt] [-p] [-q] filename"},
     {"compare", qi_cmd_compare,
      "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2"},
@@ -34,18 +36,24 @@ static const struct qi_command commands[] = {
      "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] "
      "[-o options] filename [size]"},
     {"delete", qi_cmd_delete,
-     "delete [-f fmt] [-q] [--all] filename [snapshot]"},
+     "delete [-f fmt] [-p] [-q] [--stream | --commit] filename "
+     "snapshot_or_layer\n"
+     "  delete [-f fmt] [-q] --all filename"},
     {"info", qi_cmd_info, "info [-f fmt] [--output=ofmt] [-U] filename"},
     {"list", qi_cmd_list, "list [-f fmt] [--output=ofmt] [-U] filename"},
     {"map", qi_cmd_map,
      "map [-f fmt] [--start-offset=offset] [--max-length=len] "
      "[--output=ofmt] [-U] filename"},
+    {"rebase", qi_cmd_rebase,
+     "rebase [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
+     "-b backing_file [-F backing_fmt] filename"},
     {"resize", qi_cmd_resize,
      "resize [-f fmt] [-q] [--shrink] filename [+ | -]size"},
     {"snapshot", qi_cmd_snapshot,
      "snapshot [-f fmt] [-U] [-q] [--output=ofmt] [-l | -a snapshot | "
      "-c snapshot [--vmstate dir] | -d snapshot | --rename snapshot "
      "new_name] filename"},
+    {"stream", qi_cmd_stream, "stream [-q] [-f fmt] [-b base] [-p] filename"},
     {"vmstate", qi_cmd_vmstate,
      "vmstate store [-f fmt] filename snapshot dir\n"
      "  vmstate list [-f fmt] [--output=ofmt] [-U] filename snapshot\n"
@@ -81,9 +89,12 @@ void qi_help(void)
            "  'fmt' is the disk image format (qcow2 or raw). It is guessed "
            "automatically\n"
            "    when not given\n"
-           "  'cache' is the cache mode used by bench: 'none', 'writeback' "
-           "(default),\n"
-           "    'writethrough', 'directsync' or 'unsafe'\n"
+           "  'cache' is the cache mode used to open the image (bench, "
+           "commit, rebase):\n"
+           "    'none', 'writeback' (default), 'writethrough', 'directsync' "
+           "or 'unsafe'\n"
+           "  'src_cache' (rebase) takes the same values; it is checked and "
+           "ignored\n"
            "  'size' is the disk image size in bytes. Optional suffixes\n"
            "    'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' "
            "(gigabyte, 1024M),\n"
@@ -148,6 +159,36 @@ void qi_help(void)
            "  '--vmstate' with '-c' stores the regular files of 'dir' as the "
            "snapshot's\n"
            "       VM state sections\n"
+           "\n"
+           "Parameters to commit subcommand:\n"
+           "  'base' is the file of the backing chain to commit into "
+           "(default: the\n"
+           "    backing file); it implies '-d'\n"
+           "  '-d' keeps the committed image's data; otherwise it is emptied "
+           "and reads\n"
+           "       through its backing file\n"
+           "\n"
+           "Parameters to rebase subcommand:\n"
+           "  '-u' only rewrites the backing file name; the old and the new "
+           "backing files\n"
+           "       must show the same data. An empty 'backing_file' removes "
+           "the backing file\n"
+           "\n"
+           "Parameters to stream subcommand:\n"
+           "  'base' is the lowest layer to keep (default: none); what the "
+           "layers above it\n"
+           "    hold is copied into the image\n"
+           "\n"
+           "Parameters to delete subcommand:\n"
+           "  'snapshot_or_layer' is an internal snapshot (ID or name) of "
+           "'filename', or a\n"
+           "    file of its backing chain, which is merged away so that no "
+           "remaining layer\n"
+           "    changes\n"
+           "  '--stream' copies the layer's data up into the layer above it\n"
+           "  '--commit' copies the layer above down into it and moves it to "
+           "that layer's\n"
+           "       path (default: whichever moves less data)\n"
            "\n"
            "Parameters to compare subcommand:\n"
            "  '-f' first image format\n"

@@ -40,6 +40,7 @@ struct qi_command {
 
 int qi_cmd_bench(int argc, char **argv);
 int qi_cmd_check(int argc, char **argv);
+int qi_cmd_commit(int argc, char **argv);
 int qi_cmd_compact(int argc, char **argv);
 int qi_cmd_compare(int argc, char **argv);
 int qi_cmd_convert(int argc, char **argv);
@@ -48,8 +49,10 @@ int qi_cmd_delete(int argc, char **argv);
 int qi_cmd_info(int argc, char **argv);
 int qi_cmd_list(int argc, char **argv);
 int qi_cmd_map(int argc, char **argv);
+int qi_cmd_rebase(int argc, char **argv);
 int qi_cmd_resize(int argc, char **argv);
 int qi_cmd_snapshot(int argc, char **argv);
+int qi_cmd_stream(int argc, char **argv);
 int qi_cmd_vmstate(int argc, char **argv);
 
 /*
@@ -103,6 +106,8 @@ enum {
     QI_OPT_RENAME,
     QI_OPT_VMSTATE,
     QI_OPT_ALL,
+    QI_OPT_STREAM,
+    QI_OPT_COMMIT,
 };
 
 /* --output=human|json */
@@ -110,6 +115,13 @@ enum qi_output { QI_OUTPUT_HUMAN, QI_OUTPUT_JSON };
 
 /* Parses an --output argument; prints qemu-img's message on failure. */
 int qi_parse_output(const char *arg, enum qi_output *out);
+
+/*
+ * Adds the QSNAP_OPEN_* flags for a -t cache mode (none, writeback,
+ * writethrough, directsync, unsafe) to *FLAGS.  Returns 0, or -EINVAL for
+ * an unknown mode (nothing printed: the messages differ by command).
+ */
+int qi_parse_cache(const char *mode, unsigned *flags);
 
 /* ------------------------------------------------------------ numbers */
 
@@ -324,6 +336,48 @@ int qi_chain_length(const struct qi_chain *ch);
 /* Fills *OUT for the image at DEPTH (0: the top image). */
 void qi_chain_layer(const struct qi_chain *ch, int depth, struct qi_layer *out);
 
+/*
+ * qsnap_chain_list() for IMG (opened with its backing files) from
+ * FILENAME; prints the error.  Free *LIST with free().
+ * Returns 0 or a negative errno.
+ */
+int qi_chain_list(qsnap_image *img, const char *filename,
+                  struct qsnap_layer_info **list, uint32_t *n);
+
+/* How qi_chain_find() takes a name. */
+enum qi_find {
+    /*
+     * qemu-img's rule for "commit -b": NAME, if relative, is resolved
+     * against the directory of each layer in turn and compared with that
+     * layer's backing file.  The top never matches.
+     */
+    QI_FIND_BACKING,
+    /*
+     * A path relative to the current directory to any layer, the top
+     * included, or exactly the backing name a layer records in its
+     * header, which names the layer below it.
+     */
+    QI_FIND_PATH,
+};
+
+/*
+ * The depth of the layer of LIST (N layers from qi_chain_list()) that
+ * NAME names, comparing files by device and inode; -1 if none.
+ */
+int qi_chain_find(const struct qsnap_layer_info *list, uint32_t n,
+                  const char *name, enum qi_find how);
+
+/*
+ * For commands with qemu-img's "-b base" (commit, stream): finds BASE in
+ * the chain of IMG, opened from FILENAME with its backing files, and
+ * copies that layer's path (as the library opened it) to PATH; with BASE
+ * NULL, checks that IMG has a backing file and sets PATH to "".  Prints
+ * qemu-img's messages ("Did not find ...", "Image does not have a backing
+ * file").  Returns 0 or -1.
+ */
+int qi_find_base(qsnap_image *img, const char *filename, const char *base,
+                 char *path, size_t len);
+
 /* ------------------------------------------------------------ snapshots */
 
 /* The handle's message for a failed call ERR, or the errno text. */
@@ -382,6 +436,20 @@ struct qi_json *qi_snapshot_json(struct qi_json *arr,
 void qi_progress_init(bool enabled, float min_skip);
 void qi_progress_print(float delta, int max);
 void qi_progress_end(void);
+
+/*
+ * A qsnap_progress_fn for library calls that report (done, total): sets
+ * the indicator to done/total.  OPAQUE is unused.
+ */
+void qi_progress_cb(void *opaque, uint64_t done, uint64_t total);
+
+/*
+ * Around one long library call: qi_progress_start() shows 0% when
+ * ENABLED; qi_progress_done() shows 100% if the call succeeded (OK) and
+ * finishes the line.
+ */
+void qi_progress_start(bool enabled);
+void qi_progress_done(bool ok);
 
 /* ------------------------------------------------------------ JSON */
 

@@ -3,9 +3,10 @@
  *
  * Error printing and getopt error messages, size parsing and printing,
  * "-o key=value" lists and their interpretation as image-creation options,
- * opening images from -f/-U style flags, the "-p" progress indicator and a
- * small JSON writer that orders object keys as QEMU's QDict does, so that
- * --output=json matches qemu-img byte for byte.
+ * opening images from -f/-U/-t style flags, backing chains (layer by layer
+ * for map and compare; finding a layer by name), the "-p" progress
+ * indicator and a small JSON writer that orders object keys as QEMU's
+ * QDict does, so that --output=json matches qemu-img byte for byte.
  */
 #ifdef HAVE_CONFIG_H
 #include <config.h>
@@ -19,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,6 +93,20 @@ int qi_parse_output(const char *arg, enum qi_output *out)
         *out = QI_OUTPUT_HUMAN;
     } else {
         qi_error("--output must be used with human or json as argument.");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int qi_parse_cache(const char *mode, unsigned *flags)
+{
+    if (strcmp(mode, "none") == 0) {
+        *flags |= QSNAP_OPEN_NOCACHE;
+    } else if (strcmp(mode, "directsync") == 0) {
+        *flags |= QSNAP_OPEN_NOCACHE | QSNAP_OPEN_WRITETHROUGH;
+    } else if (strcmp(mode, "writethrough") == 0) {
+        *flags |= QSNAP_OPEN_WRITETHROUGH;
+    } else if (strcmp(mode, "writeback") != 0 && strcmp(mode, "unsafe") != 0) {
         return -EINVAL;
     }
     return 0;
@@ -1062,6 +1078,78 @@ void qi_chain_layer(const struct qi_chain *ch, int depth, struct qi_layer *out)
     out->info = &l->info;
 }
 
+int qi_chain_list(qsnap_image *img, const char *filename,
+                  struct qsnap_layer_info **list, uint32_t *n)
+{
+    const int ret = qsnap_chain_list(img, list, n);
+    if (ret < 0) {
+        *list = NULL;
+        *n = 0;
+        qi_error("Could not read the backing chain of '%s': %s", filename,
+                 qi_strip_path(qi_errmsg(img, ret), filename));
+    }
+    return ret;
+}
+
+/* True if PATH is the file of layer L (same device and inode). */
+static bool same_file(const char *path, const struct qsnap_layer_info *l)
+{
+    struct stat a;
+    struct stat b;
+    return stat(path, &a) == 0 && stat(l->filename, &b) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+int qi_chain_find(const struct qsnap_layer_info *list, uint32_t n,
+                  const char *name, enum qi_find how)
+{
+    char path[PATH_MAX];
+
+    for (uint32_t d = 0; d < n && d <= INT_MAX; d++) {
+        if (how == QI_FIND_PATH) {
+            if (same_file(name, &list[d]) ||
+                (d > 0 && strcmp(list[d - 1].backing_name, name) == 0)) {
+                return (int)d;
+            }
+        } else if (d > 0) {
+            /* Relative to the layer that names its backing file. */
+            qi_backing_path(list[d - 1].filename, name, path, sizeof(path));
+            if (same_file(path, &list[d])) {
+                return (int)d;
+            }
+        }
+    }
+    return -1;
+}
+
+int qi_find_base(qsnap_image *img, const char *filename, const char *base,
+                 char *path, size_t len)
+{
+    struct qsnap_layer_info *list;
+    uint32_t n;
+
+    path[0] = '\0';
+    if (qi_chain_list(img, filename, &list, &n) < 0) {
+        return -1;
+    }
+    int ret = 0;
+    if (base) {
+        const int depth = qi_chain_find(list, n, base, QI_FIND_BACKING);
+        if (depth < 1) {
+            qi_error("Did not find '%s' in the backing chain of '%s'", base,
+                     filename);
+            ret = -1;
+        } else {
+            snprintf(path, len, "%s", list[depth].filename);
+        }
+    } else if (n < 2) {
+        qi_error("Image does not have a backing file");
+        ret = -1;
+    }
+    free(list);
+    return ret;
+}
+
 /* ------------------------------------------------------------ snapshots */
 
 const char *qi_errmsg(const qsnap_image *img, int err)
@@ -1223,6 +1311,27 @@ void qi_progress_end(void)
     }
     progress.enabled = false;
     pthread_mutex_unlock(&progress.lock);
+}
+
+void qi_progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+    (void)opaque;
+    qi_progress_print(
+        total ? (float)((double)done * 100.0 / (double)total) : 100.0f, 0);
+}
+
+void qi_progress_start(bool enabled)
+{
+    qi_progress_init(enabled, 1.0f);
+    qi_progress_print(0, 100);
+}
+
+void qi_progress_done(bool ok)
+{
+    if (ok) {
+        qi_progress_print(100, 0);
+    }
+    qi_progress_end();
 }
 
 /* ------------------------------------------------------------ JSON */

@@ -4,10 +4,10 @@
 # On images of cluster size 512, 64 KiB and 2 MiB, refcount widths 4, 16
 # and 64, v2 and v3 (made alternately by qemu-img and qsnap-img), a seeded
 # sequence mixes guest writes (qsnap-tool random, mirrored on a raw model
-# of the live disk) with qsnap-img snapshot create, apply, delete and
-# rename, creates refused for a name in use, and growing resizes (refused,
-# as by QEMU, on v2 images that hold snapshots).  The
-# model keeps a raw copy of every snapshot's content, its ID and its name.
+# of the live disk) with qsnap-img snapshot create, and apply, delete
+# and rename (by name or by ID), creates refused for a name in use, and
+# growing resizes (refused, as by QEMU, on v2 images that hold snapshots).
+# The model keeps a raw copy of every snapshot's content, its ID and name.
 # After each sequence:
 #   - qemu-img check finds no corruption and no leak;
 #   - qemu-img compare: the live disk equals the model (and has its size);
@@ -222,7 +222,7 @@ sequence()
 {
     rm -rf "$W"
     mkdir "$W"
-    lcg=$6
+    lcg=$(($6 % 2147483648))
     seq_desc="v$1 cluster=$2 refcount_bits=$3 size=$4 seed=$6"
     if ! create_image "$1" "$2" "$3" "$4" >"$W/out" 2>&1; then
         sed 's/^/      /' "$W/out" >&2
@@ -286,7 +286,10 @@ sequence()
         elif [ "$op" -lt 84 ]; then
             pick
             n_name=$((n_name + 1))
-            qimg "rename" snapshot --rename "$p_name" "r$n_name" \
+            r_arg=$p_name
+            rnd 2
+            [ "$r" = 1 ] && r_arg=$p_id
+            qimg "rename" snapshot --rename "$r_arg" "r$n_name" \
                 "$W/img" || return 0
             new=
             for s in $snaps; do
