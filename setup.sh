@@ -20,7 +20,7 @@ top=$(cd "$(dirname "$0")" && pwd)
 
 packages="build-essential autoconf automake libtool pkg-config \
 zlib1g-dev libzstd-dev libxxhash-dev check libfuse3-dev fuse3 \
-qemu-utils e2fsprogs valgrind"
+qemu-utils qemu-system-x86 e2fsprogs valgrind"
 
 missing=
 for p in $packages; do

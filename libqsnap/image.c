@@ -391,6 +391,15 @@ static int open_qcow2(struct qsnap_image *img, const struct qsnap_open_opts *o,
                 return ret;
             }
         }
+        if (!check_mode) {
+            /* A checkpoint interrupted before its commit left state in
+             * the live disk's VM state area: nothing refers to it. */
+            ret = qs_vmstate_drop(img);
+            if (ret < 0) {
+                qs_fmt_err(err, errlen, "%s", img->errmsg);
+                return ret;
+            }
+        }
         if (img->hdr.autoclear) {
             /* We maintain none of the autoclear features (spec). */
             uint8_t f[8] = {0};
@@ -1155,6 +1164,13 @@ static int resize_locked(struct qsnap_image *img, uint64_t new_size,
                          unsigned flags)
 {
     const uint64_t old = img->virtual_size;
+    if (img->hdr.version < 3 && img->n_snapshots) {
+        /* v2 snapshot entries record no disk size: QEMU could not apply
+         * them after a resize, so it refuses, and so do we. */
+        return qs_error(img, -ENOTSUP,
+                        "%s: can't resize a v2 image which has snapshots",
+                        img->filename);
+    }
     if (img->ckpt) {
         return qs_error(img, -EBUSY,
                         "%s: cannot resize while a checkpoint is open",

@@ -350,11 +350,12 @@ QSNAP_API int qsnap_checkpoint_write(qsnap_checkpoint *ck, const void *buf,
     if (ret == 0 && len && !buf) {
         ret = -EINVAL;
     }
-    if (ret == 0) {
-        ret = area_write(ck, buf, len, ck->pos);
-    }
     if (ret < 0) {
-        ck->error = ck->error ? ck->error : ret;
+        return ret; /* a refused call changes nothing */
+    }
+    ret = area_write(ck, buf, len, ck->pos);
+    if (ret < 0) {
+        ck->error = ret; /* a failed write dooms the checkpoint */
         return ret;
     }
     ck->pos += len;

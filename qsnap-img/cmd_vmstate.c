@@ -167,7 +167,7 @@ static int store_file(qsnap_checkpoint *ck, qsnap_image *img,
         ret = qsnap_checkpoint_section_end(ck);
     }
     if (ret < 0) {
-        qi_error("%s%s", prefix, qi_strip_path(qi_errmsg(img, ret), filename));
+        qi_error("%s%s", prefix, qi_errmsg(img, ret));
     }
     close(fd);
     return ret;
@@ -214,7 +214,7 @@ int qi_vmstate_store(qsnap_image *img, const char *filename, const char *name,
     }
     ret = qsnap_checkpoint_commit(ck);
     if (ret < 0) {
-        qi_error("%s%s", prefix, qi_strip_path(qi_errmsg(img, ret), filename));
+        qi_error("%s%s", prefix, qi_errmsg(img, ret));
     }
 out:
     free(buf);
@@ -289,7 +289,7 @@ static int source_open(struct source *s, const char *filename, const char *fmt,
         qi_error("Could not open the VM state of snapshot '%s': %s", snapshot,
                  ret == -ENODATA
                      ? "the snapshot has no VM state"
-                     : qi_strip_path(qi_errmsg(s->img, ret), filename));
+                     : qi_errmsg(s->img, ret));
         source_close(s);
         return -1;
     }
@@ -358,7 +358,7 @@ static int copy_out(struct source *s, read_fn rd, const char *section,
             qi_error("Could not read the VM state of snapshot '%s' at byte "
                      "%" PRIu64 ": %s",
                      s->name, off,
-                     qi_strip_path(qi_errmsg(s->img, ret), s->filename));
+                     qi_errmsg(s->img, ret));
             break;
         }
         if (!qi_is_zero(buf, len)) {
@@ -387,7 +387,7 @@ static int get_sections(struct source *s, struct qsnap_section_info **list,
     const int ret = qsnap_vmstate_sections(s->vs, list, n);
     if (ret < 0) {
         qi_error("Could not list the VM state sections of snapshot '%s': %s",
-                 s->name, qi_strip_path(qi_errmsg(s->img, ret), s->filename));
+                 s->name, qi_errmsg(s->img, ret));
         return -1;
     }
     return 0;

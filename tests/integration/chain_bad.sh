@@ -308,6 +308,13 @@ check_literal()
             bad "$1: the chain does not list the file '$2'"
     fi
     rm -f lit.qcow2
+    # qsnap-img create opens the backing file for its size: as a file.
+    if expect_ok "$1 (qsnap-img create)" "$QSNAP_IMG" create -q -f qcow2 \
+        -b "$2" -F raw lit.qcow2; then
+        [ "$("$QSNAP_TOOL" digest lit.qcow2)" = "$(digest_of_raw "$2")" ] ||
+            bad "$1: qsnap-img create: the overlay does not show '$2'"
+    fi
+    rm -f lit.qcow2
 }
 # Decoys: the files QEMU's syntax would name.
 put_bytes decoy.raw 0 1048576 99

@@ -4,11 +4,13 @@
 # A chain base <- mid1 <- mid2 <- top, made by qemu-img and qemu-io with
 # tens of MiB of data in overlapping ranges (64 KiB and 4 KiB clusters,
 # zero writes and discards), is copied afresh for each run; then
-# qsnap_checkpoint_delete removes mid1 (child mid2) or base (child mid1),
-# forced to stream or to commit, and is killed with SIGKILL after a random
-# delay between 0 and the measured length of an uninterrupted merge (half
-# of the runs with a pause in the progress callback, so that the kill
-# lands between copies as well as inside them).  Afterwards:
+# qsnap_checkpoint_delete (tests/chain-driver, or qsnap-img delete)
+# removes mid1 (child mid2) or base (child mid1), forced to stream or to
+# commit, and is killed with SIGKILL after a random delay between 0 and
+# the measured length of an uninterrupted merge (half of the runs with a
+# pause in the progress callback, so that the kill lands between copies
+# as well as inside them; at least a tenth of the kills must land after
+# the copy began and before the switch).  Afterwards:
 #   - every layer but the deleted one is still at its path and qemu-img
 #     reads it as it read it before (the top's view never changes);
 #   - the chain is the old one (the child still backed by the deleted
@@ -29,6 +31,7 @@ set -eu
 need "$QEMU_IMG"
 need "$QEMU_IO"
 need_built "$QSNAP_CHAIN_DRIVER"
+need_built "$QSNAP_IMG"
 DRV=$QSNAP_CHAIN_DRIVER
 
 RUNS=${QSNAP_CRASH_RUNS:-56}
@@ -222,8 +225,15 @@ while [ "$run" -lt "$RUNS" ]; do
     ctx="run $run: delete $layer by $mode, pause ${pause}us, kill after"
     ctx="$ctx ${delay_ms} ms"
     fresh_copy
-    "$DRV" delete "--$mode" --throttle-us "$pause" "$W/top.qcow2" \
-        "$W/$layer.qcow2" >"$W/out" 2>&1 &
+    # Without a pause, every other time through qsnap-img.
+    if [ "$pause" = 0 ] && [ $((run / 8 % 2)) = 1 ]; then
+        ctx="$ctx, qsnap-img"
+        "$QSNAP_IMG" delete -q "--$mode" "$W/top.qcow2" \
+            "$W/$layer.qcow2" >"$W/out" 2>&1 &
+    else
+        "$DRV" delete "--$mode" --throttle-us "$pause" "$W/top.qcow2" \
+            "$W/$layer.qcow2" >"$W/out" 2>&1 &
+    fi
     pid=$!
     sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
     kill -KILL "$pid" 2>/dev/null || true

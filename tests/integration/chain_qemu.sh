@@ -489,19 +489,32 @@ op "qsnap delete --stream m (shorter)" "$DRV" delete --stream t.qcow2 \
     m.qcow2 &&
     matches t.qcow2 t.raw "qsnap delete --stream of the shorter m" &&
     note "ok: qsnap delete of a shorter layer"
-# A child shorter than the layer deleted under it: committing moves the
-# longer layer into the child's place; the child's size must not change.
+# A child shorter than the layer deleted under it: committing would move
+# the longer layer into the child's place and change the child's size.
+# Refused when forced (nothing changes); the automatic choice streams.
 sfresh "$S/delete-commit"
 "$QEMU_IMG" create -q -f qcow2 -b t.qcow2 -F qcow2 u.qcow2 6M
+qio u.qcow2 "write -P 0xcc 5M 64k"
 model_of u.qcow2 u.raw
-op "qsnap delete --commit t under the shorter u" "$DRV" delete --commit \
-    u.qcow2 t.qcow2 &&
-    matches u.qcow2 u.raw "qsnap delete --commit t under the shorter u" &&
-    [ "$(image_field u.qcow2 virtual-size)" = 6291456 ] &&
-    note "ok: qsnap delete --commit under a shorter child"
-[ "$(image_field u.qcow2 virtual-size)" = 6291456 ] ||
-    bad "qsnap delete --commit t: u.qcow2 is now" \
-        "$(image_field u.qcow2 virtual-size) bytes, not 6291456"
+if "$DRV" delete --commit u.qcow2 t.qcow2 >"$T/op.out" 2>&1; then
+    [ "$(image_field u.qcow2 virtual-size)" = 6291456 ] ||
+        bad "qsnap delete --commit t: u.qcow2 is now" \
+            "$(image_field u.qcow2 virtual-size) bytes, not 6291456"
+    matches u.qcow2 u.raw "qsnap delete --commit t under the shorter u" ||
+        :
+elif ! grep -q 't\.qcow2' "$T/op.out"; then
+    cat "$T/op.out" >&2
+    bad "qsnap delete --commit t under the shorter u: unclear refusal"
+else
+    matches u.qcow2 u.raw "refused delete --commit under a shorter child" &&
+        matches t.qcow2 t.raw "refused delete --commit: t unchanged" &&
+        note "ok: qsnap delete --commit under a shorter child refused"
+    op "qsnap delete t under the shorter u" "$DRV" delete u.qcow2 \
+        t.qcow2 &&
+        matches u.qcow2 u.raw "qsnap delete t under the shorter u" &&
+        [ "$(image_field u.qcow2 virtual-size)" = 6291456 ] &&
+        note "ok: qsnap delete under a shorter child"
+fi
 
 cd "$T"
 [ "$failures" = 0 ] || die "$failures check(s) failed"

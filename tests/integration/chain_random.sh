@@ -19,8 +19,11 @@
 #             or onto none
 #   stream    the whole chain, or down to a base
 #   delete    merge-on-delete of a middle or bottom layer: forced stream,
-#             forced commit (refused for a raw layer), or automatic
+#             forced commit (which must be refused, changing nothing, for
+#             a raw layer or one longer than its child), or automatic
 #   write     more random I/O on the top; push a new overlay on the top
+# Each operation goes through the library (tests/chain-driver) or, in
+# turn, through qsnap-img's commit, rebase, stream and delete.
 # After each step, for every layer of the chain: the chain qsnap lists is
 # the expected one (files, formats, sizes); qemu-img compare matches the
 # layer's model; qemu-img check is clean.  Layers a rebase or stream takes
@@ -501,6 +504,11 @@ op_delete()
     get_layer "$jid"
     j_file=$l_file
     j_fmt=$l_fmt
+    j_size=$l_size
+    nth $((j + 1))
+    get_layer "$id"
+    c_file=$l_file
+    c_size=$l_size
     rnd $((n - 1 - j))
     nth $((j + 1 + r))
     get_layer "$id"
@@ -515,12 +523,15 @@ op_delete()
     d_tool=$DRV
     rnd 2
     $cli_delete && [ "$r" = 0 ] && d_tool="$QSNAP_IMG"
-    if [ "$mode" = --commit ] && [ "$j_fmt" = raw ]; then
-        # A raw layer cannot take its child's data: refused, no change.
+    if [ "$mode" = --commit ] &&
+        { [ "$j_fmt" = raw ] || [ "$c_size" -lt "$j_size" ]; }; then
+        # A raw layer cannot take its child's data, and a layer longer
+        # than its child cannot take its place without changing its size:
+        # refused, nothing changes.
         log "$d_tool delete $mode $t_file $j_file  (must fail)"
         if "$d_tool" delete "$mode" "$t_file" "$j_file" >"$W/out" 2>&1
         then
-            fail "$desc succeeded on a raw layer ($seq_desc)"
+            fail "$desc succeeded on a raw or longer layer ($seq_desc)"
             return 1
         fi
         if ! grep -q "$j_file" "$W/out"; then
@@ -533,9 +544,6 @@ op_delete()
     fi
     # Which way it went: the layer's inode disappears (stream) or takes
     # the child's place (commit).
-    nth $((j + 1))
-    get_layer "$id"
-    c_file=$l_file
     j_ino=$(stat -c %i "$j_file")
     # shellcheck disable=SC2086  # the mode is a word or nothing
     step "$desc" "$d_tool" delete $mode "$t_file" "$j_file" || return 1

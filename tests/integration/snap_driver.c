@@ -503,8 +503,7 @@ static bool qfile_open(struct qfile *q, const char *path, bool rw)
         msg("%s: %u snapshots", path, q->nb_snapshots);
         goto fail;
     }
-    q->snaps = calloc(q->nb_snapshots ? q->nb_snapshots : 1,
-                      sizeof(*q->snaps));
+    q->snaps = calloc(q->nb_snapshots ? q->nb_snapshots : 1, sizeof(*q->snaps));
     if (!q->snaps) {
         msg("out of memory");
         goto fail;
@@ -530,15 +529,14 @@ static bool qfile_open(struct qfile *q, const char *path, bool rw)
         e->disk_size = q->size;
         if (e->extra_size > 1024 || id_len >= sizeof(e->id) ||
             name_len >= sizeof(e->name)) {
-            msg("%s: snapshot entry %u at 0x%" PRIx64 " is not plausible",
-                path, i, pos);
+            msg("%s: snapshot entry %u at 0x%" PRIx64 " is not plausible", path,
+                i, pos);
             goto fail;
         }
         memset(extra, 0, sizeof(extra));
         if (e->extra_size > 0 &&
-            !read_at(q->fd, extra,
-                     e->extra_size < 16 ? e->extra_size : 16, pos + 40,
-                     path)) {
+            !read_at(q->fd, extra, e->extra_size < 16 ? e->extra_size : 16,
+                     pos + 40, path)) {
             goto fail;
         }
         if (e->extra_size >= 8) {
@@ -604,8 +602,7 @@ static bool qfile_map(const struct qfile *q, const struct snap_entry *e,
     }
     l2e = be_load(b, 8);
     if (l2e & L2E_COMPRESSED) {
-        msg("%s: guest offset 0x%" PRIx64 " is compressed", q->path,
-            guest_off);
+        msg("%s: guest offset 0x%" PRIx64 " is compressed", q->path, guest_off);
         return false;
     }
     if ((l2e & OFF_MASK) == 0) {
@@ -635,8 +632,8 @@ static bool qfile_guest_io(const struct qfile *q, const struct snap_entry *e,
         }
         if (host == 0) {
             if (write) {
-                msg("%s: guest offset 0x%" PRIx64 " is not allocated",
-                    q->path, guest_off);
+                msg("%s: guest offset 0x%" PRIx64 " is not allocated", q->path,
+                    guest_off);
                 return false;
             }
             memset(p, 0, n);
@@ -677,9 +674,8 @@ static int cmd_layout(int argc, char **argv)
                "snap.%u.id=%s\nsnap.%u.name=%s\n"
                "snap.%u.vm_state_size=%" PRIu64 "\n"
                "snap.%u.disk_size=%" PRIu64 "\n",
-               i, e->entry_off, i, e->l1_off, i, e->l1_size, i,
-               e->extra_size, i, e->id, i, e->name, i, e->vm_state_size, i,
-               e->disk_size);
+               i, e->entry_off, i, e->l1_off, i, e->l1_size, i, e->extra_size,
+               i, e->id, i, e->name, i, e->vm_state_size, i, e->disk_size);
     }
     qfile_close(&q);
     return 0;
@@ -789,8 +785,7 @@ static bool container_read(const struct qfile *q, const struct snap_entry *e,
         return false;
     }
     if (memcmp(c->sb, VMS_MAGIC, 8) != 0) {
-        msg("%s: snapshot '%s' holds no section container", q->path,
-            e->name);
+        msg("%s: snapshot '%s' holds no section container", q->path, e->name);
         return false;
     }
     c->n_secs = (uint32_t)be_load(c->sb + 16, 4);
@@ -803,9 +798,8 @@ static bool container_read(const struct qfile *q, const struct snap_entry *e,
     }
     c->dir = xmalloc((size_t)c->dir_size);
     c->secs = calloc(c->n_secs ? c->n_secs : 1, sizeof(*c->secs));
-    if (!c->secs ||
-        !qfile_guest_io(q, e, c->dir, (size_t)c->dir_size,
-                        c->base + c->dir_off, false)) {
+    if (!c->secs || !qfile_guest_io(q, e, c->dir, (size_t)c->dir_size,
+                                    c->base + c->dir_off, false)) {
         return false;
     }
     for (uint32_t i = 0; i < c->n_secs; i++) {
@@ -855,9 +849,9 @@ static void container_rehash(struct container *c)
         if (n_chunks > s->n_chunks) {
             n_chunks = s->n_chunks;
         }
-        be_store(c->dir + s->rec_off + 24, 8,
-                 XXH64(c->dir + s->chunks_off, (size_t)(n_chunks * REC_SIZE),
-                       size));
+        be_store(
+            c->dir + s->rec_off + 24, 8,
+            XXH64(c->dir + s->chunks_off, (size_t)(n_chunks * REC_SIZE), size));
     }
     be_store(c->sb + 40, 8, XXH64(c->dir, (size_t)c->dir_size, 0));
     be_store(c->sb + 56, 8, XXH64(c->sb, 56, 0));
@@ -948,13 +942,11 @@ static int cmd_vmpatch(int argc, char **argv)
             if ((want != UINT64_MAX && k != want) || len == 0) {
                 continue;
             }
-            if (!qfile_guest_io(&q, e, &b, 1, c.base + off + len / 2,
-                                false)) {
+            if (!qfile_guest_io(&q, e, &b, 1, c.base + off + len / 2, false)) {
                 goto out;
             }
             b ^= 0x5A;
-            if (!qfile_guest_io(&q, e, &b, 1, c.base + off + len / 2,
-                                true)) {
+            if (!qfile_guest_io(&q, e, &b, 1, c.base + off + len / 2, true)) {
                 goto out;
             }
             printf("%" PRIu64 "\n", k);
@@ -1035,8 +1027,8 @@ static int cmd_view_dump(int argc, char **argv)
     }
     ret = qsnap_view_open(img, argv[2], &view);
     if (ret < 0) {
-        msg("view of '%s' in %s: %s (%s)", argv[2], argv[1],
-            qsnap_errmsg(img), qsnap_strerror(ret));
+        msg("view of '%s' in %s: %s (%s)", argv[2], argv[1], qsnap_errmsg(img),
+            qsnap_strerror(ret));
         goto out;
     }
     fd = open(argv[3], O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -1050,9 +1042,8 @@ static int cmd_view_dump(int argc, char **argv)
         const size_t n = size - off < PIECE ? (size_t)(size - off) : PIECE;
         ret = qsnap_view_pread(view, buf, n, off);
         if (ret < 0) {
-            msg("view of '%s' in %s: read at 0x%" PRIx64 ": %s (%s)",
-                argv[2], argv[1], off, qsnap_errmsg(img),
-                qsnap_strerror(ret));
+            msg("view of '%s' in %s: read at 0x%" PRIx64 ": %s (%s)", argv[2],
+                argv[1], off, qsnap_errmsg(img), qsnap_strerror(ret));
             goto out;
         }
         if (!write_at(fd, buf, n, off, argv[3])) {
@@ -1116,8 +1107,7 @@ static int cmd_section_read(int argc, char **argv)
         }
     }
     if (!sec) {
-        msg("%s: snapshot '%s' has no section '%s'", argv[1], argv[2],
-            argv[3]);
+        msg("%s: snapshot '%s' has no section '%s'", argv[1], argv[2], argv[3]);
         goto out;
     }
     fd = open(argv[4], O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -1203,8 +1193,7 @@ static int write_section(qsnap_image *img, qsnap_checkpoint *ck,
 /* Reads `len` bytes of a section at `off` and compares with the generator. */
 static bool check_section(qsnap_vmstate *vs, const char *name, uint64_t seed,
                           void (*fill)(uint64_t, uint64_t, void *, size_t),
-                          uint64_t off, size_t len, uint8_t *buf,
-                          uint8_t *want)
+                          uint64_t off, size_t len, uint8_t *buf, uint8_t *want)
 {
     const int ret = qsnap_vmstate_section_pread(vs, name, buf, len, off);
 
@@ -1217,7 +1206,8 @@ static bool check_section(qsnap_vmstate *vs, const char *name, uint64_t seed,
     for (size_t i = 0; i < len; i++) {
         if (buf[i] != want[i]) {
             msg("section '%s': byte 0x%" PRIx64 " reads 0x%02x, written "
-                "0x%02x", name, off + i, buf[i], want[i]);
+                "0x%02x",
+                name, off + i, buf[i], want[i]);
             return false;
         }
     }
@@ -1293,8 +1283,8 @@ static int cmd_bigstate(int argc, char **argv)
         goto out;
     }
     for (uint32_t i = 0; i < count; i++) {
-        printf("section=%s size=%" PRIu64 " stored=%" PRIu64 "\n",
-               list[i].name, list[i].size, list[i].stored_size);
+        printf("section=%s size=%" PRIu64 " stored=%" PRIu64 "\n", list[i].name,
+               list[i].size, list[i].stored_size);
         stored += list[i].stored_size;
         if (list[i].size != (strcmp(list[i].name, "cpu") ? size : cpu_size)) {
             msg("section '%s' has size %" PRIu64, list[i].name, list[i].size);
@@ -1305,8 +1295,8 @@ static int cmd_bigstate(int argc, char **argv)
            qsnap_vmstate_size(vs));
     buf = xmalloc(max_read);
     want = xmalloc(max_read);
-    if (!check_section(vs, "cpu", seed + 1, gen_fill, 0, (size_t)cpu_size,
-                       buf, want) ||
+    if (!check_section(vs, "cpu", seed + 1, gen_fill, 0, (size_t)cpu_size, buf,
+                       want) ||
         !check_section(vs, "memory", seed, mem_fill, 0, 4096, buf, want) ||
         !check_section(vs, "memory", seed, mem_fill, size - 4099, 4099, buf,
                        want)) {
@@ -1330,8 +1320,7 @@ static int cmd_bigstate(int argc, char **argv)
         if (len > size - off) {
             len = (size_t)(size - off);
         }
-        if (!check_section(vs, "memory", seed, mem_fill, off, len, buf,
-                           want)) {
+        if (!check_section(vs, "memory", seed, mem_fill, off, len, buf, want)) {
             goto out;
         }
     }
@@ -1384,8 +1373,8 @@ static int cmd_abort(int argc, char **argv)
     int ret;
     int rc = 1;
 
-    if (argc != 5 || (strcmp(argv[4], "sections") != 0 &&
-                      strcmp(argv[4], "raw") != 0)) {
+    if (argc != 5 ||
+        (strcmp(argv[4], "sections") != 0 && strcmp(argv[4], "raw") != 0)) {
         msg("usage: abort IMAGE NAME BYTES sections|raw");
         return 2;
     }
@@ -1394,10 +1383,9 @@ static int cmd_abort(int argc, char **argv)
     if (!img) {
         return 1;
     }
-    ret = qsnap_checkpoint_begin(img, argv[2], NULL,
-                                 sections ? QSNAP_CHECKPOINT_SECTIONS
-                                          : QSNAP_CHECKPOINT_RAW,
-                                 &ck);
+    ret = qsnap_checkpoint_begin(
+        img, argv[2], NULL,
+        sections ? QSNAP_CHECKPOINT_SECTIONS : QSNAP_CHECKPOINT_RAW, &ck);
     if (ret < 0) {
         rc = ck_fail(img, "checkpoint begin", ret);
         goto out;
@@ -1523,9 +1511,10 @@ static void *race_reader(void *opaque)
         gen_fill(r->base_seed, off, want, len);
         for (size_t i = 0; i < len; i++) {
             if (buf[i] != want[i]) {
-                race_fail(r, "view byte 0x%" PRIx64 " reads 0x%02x, "
-                          "snapshot holds 0x%02x (read 0x%" PRIx64
-                          "+0x%zx)", off + i, buf[i], want[i], off, len);
+                race_fail(r,
+                          "view byte 0x%" PRIx64 " reads 0x%02x, "
+                          "snapshot holds 0x%02x (read 0x%" PRIx64 "+0x%zx)",
+                          off + i, buf[i], want[i], off, len);
                 break;
             }
         }
@@ -1566,8 +1555,10 @@ static void *race_writer(void *opaque)
             what = "read";
             ret = qsnap_pread(r->img, buf, len, off);
             if (ret == 0 && memcmp(buf, r->model + off, len) != 0) {
-                race_fail(r, "live disk 0x%" PRIx64 "+0x%zx differs from "
-                          "what was written", off, len);
+                race_fail(r,
+                          "live disk 0x%" PRIx64 "+0x%zx differs from "
+                          "what was written",
+                          off, len);
                 break;
             }
         } else {

@@ -277,8 +277,8 @@ table_case id-len-huge refused "$SNAP_DRIVER" poke IMG $((e2 + 12)) 2 65535
 SRC=$PE
 table_case relocated-table clean true
 table_case nb-one-more refused "$SNAP_DRIVER" poke IMG 60 4 4
-table_case extra-past-table refused "$SNAP_DRIVER" poke IMG $((e3_moved + 36)) \
-    4 1000
+table_case extra-past-table refused "$SNAP_DRIVER" poke IMG \
+    $((e3_moved + 36)) 4 1000
 table_case name-len-huge refused "$SNAP_DRIVER" poke IMG $((e3_moved + 14)) \
     2 65535
 table_case cut-short refused truncate -s $((e3_moved + 20)) IMG

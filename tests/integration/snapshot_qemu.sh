@@ -3,10 +3,11 @@
 #
 # 1. Snapshots made by `qemu-img snapshot -c` (over data written by
 #    qemu-io: plain, compressed, zero and discarded clusters, a grown
-#    disk), on several cluster sizes, v2 and v3: qsnap-img convert -l
-#    (by name, by snapshot.id=, by snapshot.name=) and a qsnap view read
-#    each one exactly as qemu-img convert -l does, and qsnap-img snapshot
-#    -l shows the same IDs, names and VM state sizes as qemu-img.
+#    disk), on several cluster sizes, v2 and v3, zstd compression and
+#    extended L2 entries: qsnap-img convert -l (by name, by snapshot.id=,
+#    by snapshot.name=) and a qsnap view read each one exactly as
+#    qemu-img convert -l does, and qsnap-img snapshot -l shows the same
+#    IDs, names and VM state sizes as qemu-img.
 # 2. Snapshots made by qsnap (qsnap-img snapshot -c, and a checkpoint with
 #    VM state sections) over writes mirrored on raw models: qemu-img
 #    snapshot -a of each gives its model's content, qemu-img check stays
@@ -111,15 +112,15 @@ same_snapshot()
 # ------------------------------------------------------------ part 1
 note "1. snapshots made by qemu-img, read by qsnap"
 
-# from_qemu CLUSTER COMPAT REFBITS
+# from_qemu CLUSTER COMPAT REFBITS [OPTIONS]
 from_qemu()
 {
     cs=$1
     img="$T/q.qcow2"
-    ctx="qemu-made, cluster=$cs compat=$2 refcount_bits=$3"
+    ctx="qemu-made, cluster=$cs compat=$2 refcount_bits=$3${4:+ $4}"
     rm -f "$img"
     run_ok "create" "$QEMU_IMG" create -q -f qcow2 \
-        -o "cluster_size=$cs,compat=$2,refcount_bits=$3" "$img" 24M
+        -o "cluster_size=$cs,compat=$2,refcount_bits=$3${4:+,$4}" "$img" 24M
     c4=$((cs * 4))
     qio_cmds="write_-P_0x11_0_4M write_-P_0x12_5M_$c4 write_-c_-P_0x13_16M_$cs"
     qio_cmds="$qio_cmds write_-P_0x14_$((10 * 1048576 + 1536))_7000"
@@ -173,6 +174,8 @@ from_qemu 65536 1.1 16
 from_qemu 512 0.10 16
 from_qemu 2097152 1.1 4
 from_qemu 4096 1.1 64
+from_qemu 65536 1.1 16 compression_type=zstd
+from_qemu 65536 1.1 16 extended_l2=on
 
 # ------------------------------------------------------------ part 2
 note "2. snapshots made by qsnap, applied by qemu-img"

@@ -83,7 +83,8 @@ stored=$(sed -n 's/^stored_total=//p' "$T/big.out")
 vmsize=$(sed -n 's/^vmstate_size=//p' "$T/big.out")
 growth=$(($(fsize "$img") - size0))
 [ "$stored" -lt $((gib4 / 20)) ] ||
-    die "4 GiB of mostly zero memory stored in $stored bytes (5%: $((gib4 / 20)))"
+    die "4 GiB of mostly zero memory stored in $stored bytes" \
+        "(5%: $((gib4 / 20)))"
 [ "$growth" -lt $((gib4 / 20)) ] ||
     die "the file grew by $growth bytes for 4 GiB of mostly zero memory"
 [ "$vmsize" -ge "$stored" ] ||
