@@ -18,8 +18,8 @@
  * random bytes) with four 8-byte words overwritten by random values.  The
  * content is the same on every run.
  *
- * Prints one line: seconds=S vm_state_size=B file_size=B disk_usage=B
- * zero_pages=PERCENT.
+ * Prints one line: seconds=S cpu=S vm_state_size=B file_size=B
+ * disk_usage=B zero_pages=PERCENT (cpu: user + system time of the save).
  */
 #define _DEFAULT_SOURCE
 
@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -160,6 +161,15 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* CPU time (user + system) the process has used so far, in seconds. */
+static double cpu_time(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
 static int fail(const char *what, qsnap_image *img, int err)
 {
     const char *msg = img ? qsnap_errmsg(img) : "";
@@ -242,6 +252,7 @@ int main(int argc, char **argv)
     sync();
 
     const double t0 = now();
+    const double c0 = cpu_time();
     qsnap_checkpoint *ck;
     ret = qsnap_checkpoint_begin(
         img, "vmsave", NULL,
@@ -265,6 +276,7 @@ int main(int argc, char **argv)
         ret = qsnap_flush(img);
     }
     const double t1 = now();
+    const double c1 = cpu_time();
     free(mem);
     if (ret < 0) {
         fail("committing", img, ret);
@@ -294,9 +306,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "vmsavebench: %s: %s\n", path, strerror(errno));
         return 1;
     }
-    printf("seconds=%.3f vm_state_size=%" PRIu64 " file_size=%" PRIu64
+    printf("seconds=%.3f cpu=%.3f vm_state_size=%" PRIu64 " file_size=%" PRIu64
            " disk_usage=%" PRIu64 " zero_pages=%.1f\n",
-           t1 - t0, vm_state_size, (uint64_t)st.st_size,
+           t1 - t0, c1 - c0, vm_state_size, (uint64_t)st.st_size,
            (uint64_t)st.st_blocks * 512,
            100.0 * (double)zero_pages / (double)(size / PAGE));
     return 0;

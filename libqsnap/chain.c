@@ -571,9 +571,10 @@ static int held_by(struct qsnap_image *l, uint64_t off, uint64_t len,
     unsigned st;
     int d;
     if (off >= l->virtual_size) {
+        /* Past its end a layer decides: it reads zeros there. */
         *pnum = len;
-        *held = false;
-        *zero = false;
+        *held = true;
+        *zero = true;
         return 0;
     }
     int ret = qsnap_block_status(l, off, QS_MIN(len, l->virtual_size - off),
@@ -644,6 +645,20 @@ static int merge_copy(struct qsnap_image *from, struct qsnap_image *skip,
     return ret;
 }
 
+/* True if the two files lie in one directory (by its device and inode). */
+static bool same_directory(const char *a, const char *b)
+{
+    char da[PATH_MAX], db[PATH_MAX];
+    const char *sa = strrchr(a, '/'), *sb = strrchr(b, '/');
+    snprintf(da, sizeof(da), "%.*s", sa ? (int)(sa - a) + 1 : 1,
+             sa ? a : ".");
+    snprintf(db, sizeof(db), "%.*s", sb ? (int)(sb - b) + 1 : 1,
+             sb ? b : ".");
+    struct stat x, y;
+    return stat(da, &x) == 0 && stat(db, &y) == 0 && x.st_dev == y.st_dev &&
+           x.st_ino == y.st_ino;
+}
+
 QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
                                       const char *layer_path, unsigned flags,
                                       qsnap_progress_fn progress,
@@ -693,10 +708,7 @@ QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
 
     /* Committing down moves the layer to the child's path: only when the
      * layer's own backing name stays valid there and nothing is lost. */
-    const char *cs = strrchr(child_path, '/'), *ls = strrchr(lpath, '/');
-    const bool same_dir = (cs ? cs - child_path : 0) == (ls ? ls - lpath : 0) &&
-                          strncmp(child_path, lpath,
-                                  (size_t)(cs ? cs - child_path : 0)) == 0;
+    const bool same_dir = same_directory(child_path, lpath);
     /* A larger layer in the child's place would grow what it shows. */
     const bool can_commit = child_fmt == QSNAP_FMT_QCOW2 &&
                             layer_fmt == QSNAP_FMT_QCOW2 && !child_snaps &&

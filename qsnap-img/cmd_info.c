@@ -242,6 +242,15 @@ int qi_cmd_info(int argc, char **argv)
             goto out;
         }
         qi_backing_path(cur->name, cur->info.backing_file, d[n].name, PATH_MAX);
+        bool loop = false;
+        for (size_t i = 0; i < n && !loop; i++) {
+            loop = qi_same_file(d[i].name, d[n].name);
+        }
+        if (loop) {
+            qi_error("Backing file '%s' creates an infinite loop.",
+                     cur->info.backing_file);
+            goto out;
+        }
         fmt = cur->info.backing_fmt[0] ? cur->info.backing_fmt : NULL;
     }
 

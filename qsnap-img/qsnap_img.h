@@ -261,6 +261,9 @@ int qi_get_info(qsnap_image *img, struct qsnap_info *info);
 void qi_backing_path(const char *image_path, const char *backing, char *buf,
                      size_t len);
 
+/* True if the two paths name one file (device and inode). */
+bool qi_same_file(const char *a, const char *b);
+
 /*
  * A library message without its leading "PATH: " (library messages name
  * the file; some qemu-img messages put the name elsewhere).

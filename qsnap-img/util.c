@@ -923,8 +923,23 @@ int qi_chain_open(const char *filename, const char *fmt, unsigned flags,
         }
         qi_backing_path(l->path, l->info.backing_file, ch->layers[ch->n].path,
                         PATH_MAX);
+        for (int i = 0; i < ch->n; i++) {
+            if (qi_same_file(ch->layers[i].path, ch->layers[ch->n].path)) {
+                qi_error("Backing file '%s' creates an infinite loop.",
+                         l->info.backing_file);
+                qi_chain_close(ch);
+                return -ELOOP;
+            }
+        }
         fmt = l->info.backing_fmt[0] ? l->info.backing_fmt : NULL;
     }
+}
+
+bool qi_same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
 }
 
 uint64_t qi_chain_size(const struct qi_chain *ch)

@@ -6,7 +6,7 @@
 # bottom-up: a raw or qcow2 bottom, then qcow2 overlays of mixed cluster
 # sizes (512 bytes to 2 MiB), v2 and v3, made in turn by qemu-img create,
 # qsnap-img create, qsnap-tool create and qsnap_overlay_push, named by
-# relative or absolute paths, sometimes with sizes that differ from their
+# NAME, ./NAME or absolute paths, sometimes with sizes that differ from their
 # backing file's.  Every layer gets random writes, zero writes, discards
 # (and compressed writes) while it is the top, mirrored on a raw model of
 # its guest view, which starts as a copy of its backing file's model.
@@ -243,10 +243,9 @@ new_layer()
         sz=$((sz + (r - 2) * 1048576))
         [ "$sz" -lt 2097152 ] && sz=2097152
     fi
-    # Relative names mostly, sometimes absolute.
-    bname=$p_file
-    rnd 4
-    [ "$r" = 0 ] && bname="$W/$p_file"
+    # The backing name: plain, ./NAME or absolute.
+    spell "$p_file"
+    bname=$sp
     set_layer "$nid" "l$nid.qcow2" qcow2 "$sz"
     rnd 4
     case $r in
@@ -348,17 +347,25 @@ drop_orphans()
     done
 }
 
-# base_arg ID: how to name layer ID to commit -b / stream -b: by absolute
-# path, or by a name relative to the current directory ($W).
+# base_arg ID: a name for layer ID to give commit -b / stream -b, into
+# $barg (see spell).
 base_arg()
 {
     get_layer "$1"
-    rnd 2
-    if [ "$r" = 0 ]; then
-        barg="$W/$l_file"
-    else
-        barg=$l_file
-    fi
+    spell "$l_file"
+    barg=$sp
+}
+
+# spell FILE: a name for FILE (in $W, the current directory) to give a
+# tool, into $sp: FILE, ./FILE or the absolute path.
+spell()
+{
+    rnd 3
+    case $r in
+    0) sp=$1 ;;
+    1) sp="./$1" ;;
+    *) sp="$W/$1" ;;
+    esac
 }
 
 # ------------------------------------------------------------ operations
@@ -370,6 +377,8 @@ op_commit()
     kid=$id
     get_layer "$kid"
     k_file=$l_file
+    spell "$k_file"
+    k_arg=$sp
     k_size=$l_size
     rnd 3
     if [ "$k" -ge 2 ] && [ "$r" = 0 ]; then
@@ -399,10 +408,10 @@ op_commit()
     rnd 2
     # shellcheck disable=SC2086  # options are words
     if $cli_commit && [ "$r" = 0 ]; then
-        step "$desc" "$QSNAP_IMG" commit -q $keep $base_opt "$k_file" ||
+        step "$desc" "$QSNAP_IMG" commit -q $keep $base_opt "$k_arg" ||
             return 1
     else
-        step "$desc" "$DRV" commit $keep $base_opt "$k_file" || return 1
+        step "$desc" "$DRV" commit $keep $base_opt "$k_arg" || return 1
     fi
     # The base now shows the committed view (grown to its size).
     log "dd if=m$kid.raw of=m$jid.raw conv=notrunc"
@@ -437,6 +446,8 @@ op_rebase()
     kid=$id
     get_layer "$kid"
     k_file=$l_file
+    spell "$k_file"
+    k_arg=$sp
     rnd $((k + 1))
     j=$((r - 1)) # -1: none; k-1: its own backing file
     if [ "$j" -lt 0 ]; then
@@ -456,15 +467,15 @@ op_rebase()
     if $cli_rebase && [ "$r" = 0 ]; then
         if [ -n "$new_fmt" ]; then
             step "$desc" "$QSNAP_IMG" rebase -q -b "$new" -F "$new_fmt" \
-                "$k_file" || return 1
+                "$k_arg" || return 1
         else
-            step "$desc" "$QSNAP_IMG" rebase -q -b "" "$k_file" || return 1
+            step "$desc" "$QSNAP_IMG" rebase -q -b "" "$k_arg" || return 1
         fi
     else
         f_opt=
         [ -n "$new_fmt" ] && rnd 2 && [ "$r" = 0 ] && f_opt="-F $new_fmt"
         # shellcheck disable=SC2086  # options are words
-        step "$desc" "$DRV" rebase $f_opt "$k_file" "$new" || return 1
+        step "$desc" "$DRV" rebase $f_opt "$k_arg" "$new" || return 1
     fi
     without $((j + 1)) $((k - 1))
     chain=$rest
@@ -477,6 +488,8 @@ op_stream()
     nth "$k"
     get_layer "$id"
     k_file=$l_file
+    spell "$k_file"
+    k_arg=$sp
     rnd $((k + 1))
     j=$((r - 1)) # -1: the whole chain; k-1: nothing to copy
     s_tool=$DRV
@@ -484,12 +497,12 @@ op_stream()
     $cli_stream && [ "$r" = 0 ] && s_tool="$QSNAP_IMG"
     if [ "$j" -lt 0 ]; then
         desc="stream $k_file (whole chain)"
-        step "$desc" "$s_tool" stream "$k_file" || return 1
+        step "$desc" "$s_tool" stream "$k_arg" || return 1
     else
         nth "$j"
         base_arg "$id"
         desc="stream $k_file down to $barg"
-        step "$desc" "$s_tool" stream -b "$barg" "$k_file" || return 1
+        step "$desc" "$s_tool" stream -b "$barg" "$k_arg" || return 1
     fi
     without $((j + 1)) $((k - 1))
     chain=$rest
@@ -503,6 +516,8 @@ op_delete()
     jid=$id
     get_layer "$jid"
     j_file=$l_file
+    spell "$j_file"
+    j_arg=$sp
     j_fmt=$l_fmt
     j_size=$l_size
     nth $((j + 1))
@@ -513,6 +528,8 @@ op_delete()
     nth $((j + 1 + r))
     get_layer "$id"
     t_file=$l_file
+    spell "$t_file"
+    t_arg=$sp
     rnd 3
     case $r in
     0) mode=--stream ;;
@@ -528,8 +545,8 @@ op_delete()
         # A raw layer cannot take its child's data, and a layer longer
         # than its child cannot take its place without changing its size:
         # refused, nothing changes.
-        log "$d_tool delete $mode $t_file $j_file  (must fail)"
-        if "$d_tool" delete "$mode" "$t_file" "$j_file" >"$W/out" 2>&1
+        log "$d_tool delete $mode $t_arg $j_arg  (must fail)"
+        if "$d_tool" delete "$mode" "$t_arg" "$j_arg" >"$W/out" 2>&1
         then
             fail "$desc succeeded on a raw or longer layer ($seq_desc)"
             return 1
@@ -546,7 +563,7 @@ op_delete()
     # the child's place (commit).
     j_ino=$(stat -c %i "$j_file")
     # shellcheck disable=SC2086  # the mode is a word or nothing
-    step "$desc" "$d_tool" delete $mode "$t_file" "$j_file" || return 1
+    step "$desc" "$d_tool" delete $mode "$t_arg" "$j_arg" || return 1
     how=stream
     [ "$(stat -c %i "$c_file")" = "$j_ino" ] && how=commit
     log "# merged by $how"
