@@ -34,17 +34,17 @@ static uint64_t rng(void)
 }
 
 static const char *const words[] = {
-    "kernel",   "block",   "request", "queue",    "device",  "sector",
-    "write",    "read",    "flush",   "complete", "error",   "warning",
-    "info",     "debug",   "cluster", "offset",   "length",  "mapping",
-    "snapshot", "refcount", "table",  "entry",    "allocate", "free",
-    "network",  "packet",  "eth0",    "received", "sent",    "timeout",
-    "user",     "session", "opened",  "closed",   "for",     "the",
-    "a",        "of",      "to",      "in",       "on",      "with",
-    "service",  "started", "stopped", "restart",  "config",  "loaded",
-    "memory",   "page",    "cache",   "hit",      "miss",    "evict",
-    "cpu",      "thread",  "lock",    "wait",     "signal",  "done",
-    "status",   "ok",      "failed",  "retry",
+    "kernel",   "block",    "request", "queue",    "device",   "sector",
+    "write",    "read",     "flush",   "complete", "error",    "warning",
+    "info",     "debug",    "cluster", "offset",   "length",   "mapping",
+    "snapshot", "refcount", "table",   "entry",    "allocate", "free",
+    "network",  "packet",   "eth0",    "received", "sent",     "timeout",
+    "user",     "session",  "opened",  "closed",   "for",      "the",
+    "a",        "of",       "to",      "in",       "on",       "with",
+    "service",  "started",  "stopped", "restart",  "config",   "loaded",
+    "memory",   "page",     "cache",   "hit",      "miss",     "evict",
+    "cpu",      "thread",   "lock",    "wait",     "signal",   "done",
+    "status",   "ok",       "failed",  "retry",
 };
 
 #define N_WORDS (sizeof(words) / sizeof(words[0]))

@@ -21,8 +21,8 @@ int main(int argc, char **argv)
         argc--;
         argv++;
     }
-    if (argc != 4 || (strcmp(argv[1], "-c") != 0 &&
-                      strcmp(argv[1], "-d") != 0)) {
+    if (argc != 4 ||
+        (strcmp(argv[1], "-c") != 0 && strcmp(argv[1], "-d") != 0)) {
         fprintf(stderr, "usage: snapbench [snapshot] -c|-d NAME FILE\n");
         return 2;
     }

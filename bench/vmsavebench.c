@@ -54,11 +54,11 @@ static uint64_t rng(void)
 }
 
 static const char *const words[] = {
-    "systemd", "kworker", "ext4",  "inode",  "dentry",  "socket", "tcp",
-    "listen",  "accept",  "mmap",  "brk",    "futex",   "epoll",  "read",
-    "write",   "open",    "close", "/usr",   "/lib",    "/var",   "/etc",
-    "libc.so", "nginx",   "GET",   "POST",   "HTTP/1.1", "200",   "404",
-    "user",    "id",      "name",  "value",  "true",    "false",  "null",
+    "systemd", "kworker", "ext4",  "inode", "dentry",   "socket", "tcp",
+    "listen",  "accept",  "mmap",  "brk",   "futex",    "epoll",  "read",
+    "write",   "open",    "close", "/usr",  "/lib",     "/var",   "/etc",
+    "libc.so", "nginx",   "GET",   "POST",  "HTTP/1.1", "200",    "404",
+    "user",    "id",      "name",  "value", "true",     "false",  "null",
 };
 
 #define N_WORDS (sizeof(words) / sizeof(words[0]))

@@ -28,6 +28,7 @@ struct codec_ctx {
     z_stream zs;
     bool zs_ready;
     ZSTD_CCtx *zc;
+    ZSTD_DCtx *zd;
 };
 
 static pthread_key_t ctx_key;
@@ -40,6 +41,7 @@ static void ctx_free(void *p)
         deflateEnd(&c->zs);
     }
     ZSTD_freeCCtx(c->zc);
+    ZSTD_freeDCtx(c->zd);
     free(c);
 }
 
@@ -111,8 +113,8 @@ static int inflate_cluster(void *dst, size_t dst_len, const void *src,
     return ret;
 }
 
-static ssize_t zstd_compress_cluster(void *dst, size_t dst_len,
-                                     const void *src, size_t src_len)
+static ssize_t zstd_compress_cluster(void *dst, size_t dst_len, const void *src,
+                                     size_t src_len)
 {
     struct codec_ctx *c = thread_ctx();
     if (!c) {
@@ -133,10 +135,15 @@ static ssize_t zstd_compress_cluster(void *dst, size_t dst_len,
 static int zstd_decompress_cluster(void *dst, size_t dst_len, const void *src,
                                    size_t src_len)
 {
-    ZSTD_DCtx *d = ZSTD_createDCtx();
-    if (!d) {
+    struct codec_ctx *c = thread_ctx();
+    if (!c) {
         return -ENOMEM;
     }
+    if (!c->zd && !(c->zd = ZSTD_createDCtx())) {
+        return -ENOMEM;
+    }
+    ZSTD_DCtx *d = c->zd;
+    ZSTD_DCtx_reset(d, ZSTD_reset_session_only);
     ZSTD_inBuffer in = {src, src_len, 0};
     ZSTD_outBuffer out = {dst, dst_len, 0};
     int ret = 0;
@@ -160,7 +167,6 @@ static int zstd_decompress_cluster(void *dst, size_t dst_len, const void *src,
             }
         }
     }
-    ZSTD_freeDCtx(d);
     return ret;
 }
 

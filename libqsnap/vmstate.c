@@ -53,6 +53,10 @@
 #define VMS_MAX_SECTIONS 65536u
 #define VMS_MAX_NAME 255u
 #define VMS_OUTBUF (4u << 20)
+/* zstd level for chunks: a fast one, memory images are large. */
+#ifndef VMS_ZSTD_LEVEL
+#define VMS_ZSTD_LEVEL 1
+#endif
 
 enum { CHUNK_ZERO = 0, CHUNK_ZSTD = 1, CHUNK_RAW = 2 };
 
@@ -136,6 +140,9 @@ struct qsnap_checkpoint {
     size_t out_fill;
     uint64_t out_pos; /* container offset of out[0] */
     ZSTD_CCtx *cctx;
+    uint8_t *zbuf; /* compressed chunk, ZSTD_compressBound(chunk) bytes */
+    uint64_t zero_hash;
+    bool zero_hash_set;
 };
 
 static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
@@ -214,21 +221,26 @@ static int chunk_flush(struct qsnap_checkpoint *ck)
         s->cap_chunks = cap;
     }
     struct chunk_rec *r = &s->chunks[s->n_chunks++];
-    r->hash = XXH64(ck->chunk, len, 0);
     r->offset = ck->out_pos + ck->out_fill;
     ck->chunk_fill = 0;
     if (all_zero(ck->chunk, len)) {
+        /* Zero chunks are common: hash a full one only once. */
+        if (len == VMS_CHUNK_SIZE && !ck->zero_hash_set) {
+            ck->zero_hash = XXH64(ck->chunk, len, 0);
+            ck->zero_hash_set = true;
+        }
+        r->hash =
+            len == VMS_CHUNK_SIZE ? ck->zero_hash : XXH64(ck->chunk, len, 0);
         r->kind = CHUNK_ZERO;
         r->stored_len = 0;
         r->offset = 0;
         return 0;
     }
+    r->hash = XXH64(ck->chunk, len, 0);
     const size_t bound = ZSTD_compressBound(VMS_CHUNK_SIZE);
-    uint8_t *z = malloc(bound);
-    if (!z) {
-        return -ENOMEM;
-    }
-    size_t zl = ZSTD_compressCCtx(ck->cctx, z, bound, ck->chunk, len, 1);
+    uint8_t *z = ck->zbuf;
+    size_t zl =
+        ZSTD_compressCCtx(ck->cctx, z, bound, ck->chunk, len, VMS_ZSTD_LEVEL);
     int ret;
     if (!ZSTD_isError(zl) && zl < len) {
         r->kind = CHUNK_ZSTD;
@@ -240,7 +252,6 @@ static int chunk_flush(struct qsnap_checkpoint *ck)
         ret = out_put(ck, ck->chunk, len);
     }
     s->stored += r->stored_len;
-    free(z);
     return ret;
 }
 
@@ -252,6 +263,7 @@ static void ck_free(struct qsnap_checkpoint *ck)
     free(ck->sections);
     free(ck->chunk);
     free(ck->out);
+    free(ck->zbuf);
     ZSTD_freeCCtx(ck->cctx);
     free(ck->name);
     free(ck);
@@ -279,11 +291,13 @@ QSNAP_API int qsnap_checkpoint_begin(qsnap_image *img, const char *name,
         ck->chunk = malloc(VMS_CHUNK_SIZE);
         ck->out = malloc(VMS_OUTBUF);
         ck->cctx = ZSTD_createCCtx();
+        ck->zbuf = malloc(ZSTD_compressBound(VMS_CHUNK_SIZE));
         ck->pos = VMS_DATA_START;
         ck->out_pos = VMS_DATA_START;
     }
-    if ((name && !ck->name) || ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
-                                (!ck->chunk || !ck->out || !ck->cctx))) {
+    if ((name && !ck->name) ||
+        ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
+         (!ck->chunk || !ck->out || !ck->cctx || !ck->zbuf))) {
         ck_free(ck);
         return -ENOMEM;
     }

@@ -30,6 +30,7 @@ set -eu
 : "${QSNAP_CHAIN_DRIVER:=$top_builddir/tests/chain-driver}"
 need "$QEMU_IMG"
 need "$QEMU_IO"
+need timeout
 need_built "$QSNAP_CHAIN_DRIVER"
 need_built "$QSNAP_IMG"
 DRV=$QSNAP_CHAIN_DRIVER
@@ -186,8 +187,8 @@ for sc in 0 1 2 3; do
     for pause in 0 2000; do
         fresh_copy
         t0=$(now_ms)
-        if ! "$DRV" delete "--$mode" --throttle-us "$pause" "$W/top.qcow2" \
-            "$W/$layer.qcow2" >"$W/out" 2>&1; then
+        if ! timeout 60 "$DRV" delete "--$mode" --throttle-us "$pause" \
+            "$W/top.qcow2" "$W/$layer.qcow2" >"$W/out" 2>&1; then
             cat "$W/out" >&2
             die "delete $layer ($mode) failed without a kill"
         fi
@@ -255,8 +256,8 @@ while [ "$run" -lt "$RUNS" ]; do
         [ "$mode" = commit ] && dst=$layer
         cmp -s "$W/$dst.qcow2" "$P/$dst.qcow2" || n_mid=$((n_mid + 1))
         # Recovery: the delete, run again, completes.
-        if ! "$DRV" delete "--$mode" "$W/top.qcow2" "$W/$layer.qcow2" \
-            >"$W/out" 2>&1; then
+        if ! timeout 60 "$DRV" delete "--$mode" "$W/top.qcow2" \
+            "$W/$layer.qcow2" >"$W/out" 2>&1; then
             cat "$W/out" >&2
             die "$ctx: the delete run again failed"
         fi

@@ -17,7 +17,11 @@
 #    and read the same through qsnap.
 # 3. The reverse: chains built by qemu-img and qemu-io (models taken with
 #    qemu-img convert), then committed, rebased, streamed and merged by
-#    qsnap; qemu-img reads the model's content and check is clean.
+#    qsnap; qemu-img reads the model's content and check is clean.  Also
+#    layers of different sizes (a view ends where its layer ends, and
+#    reads zeros past a shorter backing file), a layer named by its
+#    absolute path, and a delete under a child with internal snapshots
+#    (refused, or the snapshots keep what they show).
 set -eu
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh disable=SC1091
@@ -514,6 +518,49 @@ else
         matches u.qcow2 u.raw "qsnap delete t under the shorter u" &&
         [ "$(image_field u.qcow2 virtual-size)" = 6291456 ] &&
         note "ok: qsnap delete under a shorter child"
+fi
+
+# A child with internal snapshots: what they show depends on the layer
+# under the child too, and a delete must not change what any remaining
+# layer shows.  Either the delete is refused with a message, or the
+# child's snapshot reads as before (and its live disk too).
+note "3c. a child with internal snapshots"
+N="$C/snap"
+mkdir -p "$N"
+cd "$N"
+"$QEMU_IMG" create -q -f qcow2 b.qcow2 4M
+qio b.qcow2 "write -P 0x01 0 4M"
+"$QEMU_IMG" create -q -f qcow2 -b b.qcow2 -F qcow2 m.qcow2
+qio m.qcow2 "write -P 0x02 1M 1M"
+"$QEMU_IMG" create -q -f qcow2 -b m.qcow2 -F qcow2 t.qcow2
+qio t.qcow2 "write -P 0x03 0 64k"
+"$QEMU_IMG" snapshot -c s1 t.qcow2
+qio t.qcow2 "write -P 0x04 2M 64k"
+"$QEMU_IMG" convert -l snapshot.name=s1 -O raw t.qcow2 s1.raw
+model_of t.qcow2 t.raw
+if "$DRV" delete --commit t.qcow2 m.qcow2 >"$T/op.out" 2>&1; then
+    bad "qsnap delete --commit under a child with snapshots succeeded"
+fi
+if ! "$DRV" delete t.qcow2 m.qcow2 >"$T/op.out" 2>&1; then
+    if grep -q 't\.qcow2' "$T/op.out"; then
+        note "ok: delete under a child with snapshots refused:" \
+            "$(head -n 1 "$T/op.out")"
+    else
+        cat "$T/op.out" >&2
+        bad "delete under a child with snapshots: unclear refusal"
+    fi
+    matches t.qcow2 t.raw "refused delete under a child with snapshots" ||
+        :
+else
+    matches t.qcow2 t.raw "delete under a child with snapshots: live" ||
+        :
+    "$QEMU_IMG" convert -l snapshot.name=s1 -O raw t.qcow2 s1.after
+    if cmp -s s1.raw s1.after; then
+        note "ok: delete under a child with snapshots keeps them"
+    else
+        bad "delete of m.qcow2 changed what the snapshot s1 of its" \
+            "child t.qcow2 shows ($(cmp s1.raw s1.after 2>&1 || :))"
+    fi
 fi
 
 cd "$T"
