@@ -695,6 +695,16 @@ QSNAP_API int qsnap_checkpoint_delete(const char *top_path,
     }
     struct qsnap_image *child = layer_at(top, depth - 1);
     struct qsnap_image *layer = layer_at(top, depth);
+    if (child->n_snapshots) {
+        /* The child's snapshots read through the layer too; merging only
+         * into its live disk would change what they show. */
+        qs_fmt_err(err, errlen,
+                   "%s: cannot delete %s: %s has internal snapshots that "
+                   "read through it (delete them first)",
+                   top_path, layer->filename, child->filename);
+        qsnap_close(top);
+        return -EBUSY;
+    }
     struct qsnap_image *below = layer->backing;
     char child_path[PATH_MAX], lpath[PATH_MAX], below_path[PATH_MAX] = "";
     snprintf(child_path, sizeof(child_path), "%s", child->filename);

@@ -1129,7 +1129,9 @@ int qs_zero(struct qsnap_image *img, uint64_t off, uint64_t len,
     if (!v3 && !unallocate) {
         /* v2 has no zero flag: whatever still is not zero gets zeros. */
         for (cl = a; cl < b && ret == 0; cl += cs) {
-            const uint64_t end = QS_MIN(cl + cs, img->virtual_size);
+            /* Bounded by the request, which may lie past the current
+             * virtual size (growing resize). */
+            const uint64_t end = QS_MIN(cl + cs, off + len);
             ret = write_zero_bytes(img, cl, end - cl);
         }
     }

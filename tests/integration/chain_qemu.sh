@@ -493,6 +493,21 @@ op "qsnap delete --stream m (shorter)" "$DRV" delete --stream t.qcow2 \
     m.qcow2 &&
     matches t.qcow2 t.raw "qsnap delete --stream of the shorter m" &&
     note "ok: qsnap delete of a shorter layer"
+# The same with a v2 base, which has no zero clusters for its new part.
+mkdir -p "$S/v2"
+cd "$S/v2"
+"$QEMU_IMG" create -q -f qcow2 b.qcow2 2M
+qio b.qcow2 "write -P 0xaa 0 2M"
+"$QEMU_IMG" create -q -f qcow2 -o compat=0.10 -b b.qcow2 -F qcow2 m.qcow2 1M
+qio m.qcow2 "write -P 0xbb 0 64k"
+"$QEMU_IMG" create -q -f qcow2 -b m.qcow2 -F qcow2 t.qcow2 2M
+qio t.qcow2 "write -P 0xcc 64k 64k"
+model_of t.qcow2 t.raw
+op "qsnap commit t into the shorter v2 m" "$DRV" commit t.qcow2 &&
+    matches m.qcow2 t.raw "qsnap commit t into the shorter v2 m" &&
+    matches t.qcow2 t.raw "qsnap commit t into the shorter v2 m: t" &&
+    note "ok: qsnap commit into a shorter v2 backing file"
+
 # A child shorter than the layer deleted under it: committing would move
 # the longer layer into the child's place and change the child's size.
 # Refused when forced (nothing changes); the automatic choice streams.
