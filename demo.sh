@@ -37,11 +37,18 @@ mount_image() { # IMAGE [rw]
     else
         step "$fuse_tool" "$1" "$mnt"
     fi
-    mounted=1
+    mounted=$1
 }
 
 unmount_image() {
     step fusermount3 -u "$mnt"
+    # The daemon closes the image just after the unmount returns: wait for
+    # its lock to go before the next step opens the image.
+    tries=0
+    while ! "$img_tool" info "$mounted" >/dev/null 2>&1 && [ $tries -lt 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
     mounted=
 }
 
