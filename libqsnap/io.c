@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "qs_fault.h"
 #include "qs_int.h"
 
 #define QS_DIRECT_ALIGN 512
@@ -422,5 +423,6 @@ int qs_io_open_posix(const char *path, unsigned flags, qs_io **out, char *err,
         /* A file system without O_DIRECT simply gets buffered I/O. */
     }
     *out = &p->base;
-    return 0;
+    /* Tests can ask for failures from the environment (qs_fault.h). */
+    return qs_fault_env_wrap(path, out, err, errlen);
 }

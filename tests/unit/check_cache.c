@@ -35,7 +35,7 @@ static void setup(void)
         memset(b, 0x10 + i, CS);
         ck_assert_int_eq(qs_io_pwrite(mem, b, CS, OFF(i)), 0);
     }
-    fio = faultio_new(mem);
+    fio = qs_faultio_new(mem);
     ck_assert_ptr_nonnull(fio);
     ck_assert_int_eq(unit_open(fio, QSNAP_OPEN_RDWR, &img, err, sizeof(err)),
                      0);
@@ -424,7 +424,7 @@ START_TEST(test_write_error_keeps_dirty)
     memset(d, 0x99, CS);
     qs_cache_mark_dirty(ca, d);
     qs_cache_put(ca, d);
-    faultio_fail_nth(fio, FAULT_WRITE, 1, EIO, false);
+    qs_faultio_fail_nth(fio, QS_FAULT_WRITE, 1, EIO, false);
     ck_assert_int_eq(qs_cache_writeback(ca), -EIO);
     ck_assert(qs_cache_has_dirty(ca));
     ck_assert_ptr_nonnull(strstr(qsnap_errmsg(img), UNIT_IMAGE_NAME));

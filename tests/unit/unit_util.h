@@ -1,7 +1,6 @@
 /*
  * unit_util.h - helpers shared by the unit suites: an in-memory qs_io
- * back-end, a fault-injecting wrapper over any qs_io, and small utilities
- * to make images and fill buffers.
+ * back-end and small utilities to make images and fill buffers.
  *
  * Memory back-end ("memio")
  *   A growable byte array.  Reads past the end return zeros, punch zeroes
@@ -11,16 +10,8 @@
  *   counted: qs_io_close() drops one reference, memio_ref() adds one, so a
  *   test can keep the bytes after the image that owned the io is closed.
  *
- * Fault wrapper ("faultio")
- *   Forwards to an inner qs_io it owns.  faultio_fail_nth() makes the Nth
- *   call of one kind (counted from the moment it is armed, 1 = the next
- *   one) fail with a chosen errno, once or for every call from then on.
- *   In volatile mode the wrapper behaves like a disk with a write cache:
- *   writes, punches and truncations since the last flush are kept apart
- *   (visible to reads, not yet in the inner io) until a flush replays them.
- *   faultio_crash() simulates power loss: it replays only the pending
- *   operations a predicate keeps, drops the rest, and from then on every
- *   call fails with -EIO, so the image handle on top can only be freed.
+ * The fault-injecting wrapper the suites put over memio is the library's
+ * own (qs_fault.h), the one QSNAP_FAULT turns on for whole programs.
  */
 #ifndef UNIT_UTIL_H
 #define UNIT_UTIL_H
@@ -29,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qs_fault.h"
 #include "qs_int.h"
 
 #define UNIT_IMAGE_NAME "unit-image.qcow2"
@@ -81,49 +73,7 @@ const struct unit_op_rec *memio_log_get(qs_io *io, size_t i);
 long memio_log_find(qs_io *io, size_t from, enum unit_op op, uint64_t off,
                     uint64_t len);
 
-/* ---------------------------------------------------------------- faultio */
-
-enum fault_op {
-    FAULT_READ,
-    FAULT_WRITE,
-    FAULT_FLUSH,
-    FAULT_PUNCH,
-    FAULT_TRUNCATE,
-    FAULT_N_OPS
-};
-
-/* Wraps `inner` (owned from now on, closed with the wrapper). */
-qs_io *faultio_new(qs_io *inner);
-qs_io *faultio_inner(qs_io *fio);
-/*
- * Arms a fault: the nth call of `op` from now (n >= 1) fails with -err
- * (err positive, e.g. EIO or ENOSPC).  With `sticky` every later call of
- * that kind fails too.  n == 0 disarms.
- */
-void faultio_fail_nth(qs_io *fio, enum fault_op op, unsigned long n, int err,
-                      bool sticky);
-/* Calls of `op` since the wrapper was made. */
-unsigned long faultio_calls(qs_io *fio, enum fault_op op);
-/* Calls that failed because of an armed fault. */
-unsigned long faultio_injected(qs_io *fio);
-
-/* Starts or stops write caching; stopping first flushes.  0 or -errno. */
-int faultio_set_volatile(qs_io *fio, bool on);
-/* Operations waiting in the write cache. */
-size_t faultio_pending(qs_io *fio);
-
-/* Decides whether pending operation `idx` survives a crash. */
-typedef bool (*faultio_keep_fn)(void *opaque, size_t idx, enum fault_op op,
-                                uint64_t off, uint64_t len);
-/*
- * Power loss: replays the pending operations `keep` accepts (all if keep is
- * NULL), in order, into the inner io and drops the others.  Afterwards
- * every call fails with -EIO.  Returns the number of operations dropped or
- * -errno.
- */
-int faultio_crash(qs_io *fio, faultio_keep_fn keep, void *opaque);
-/* As faultio_crash, keeping each operation with `keep_percent` chance. */
-int faultio_crash_random(qs_io *fio, uint64_t seed, unsigned keep_percent);
+/* Fault wrapper: qs_fault.h (qs_faultio_*), part of the library. */
 
 /* ---------------------------------------------------------------- misc */
 
