@@ -542,7 +542,8 @@ QSNAP_API int qsnap_chain_list(qsnap_image *img,
  * and frozen, a new qcow2 overlay at `overlay_path` gets it as backing
  * file, and `*img` is replaced by a read-write handle on the overlay.
  * `opts` (may be NULL) gives the overlay's options; its size and backing
- * fields are ignored.  On failure `*img` is still the old, usable handle.
+ * fields are ignored.  On failure `*img` is still the old, usable handle
+ * (reopened if the switch had begun), or NULL if even reopening it failed.
  * Returns: 0, -EEXIST, -EROFS, -EIO, -ENOMEM.
  */
 QSNAP_API int qsnap_overlay_push(qsnap_image **img, const char *overlay_path,

@@ -326,8 +326,10 @@ QSNAP_API int qsnap_overlay_push(qsnap_image **imgp, const char *path,
         ret = open_rw(path, QSNAP_FMT_QCOW2, &top, err, sizeof(err));
     }
     if (ret < 0) {
-        /* Give the caller its image back, unchanged. */
+        /* Give the caller its image back, unchanged: the old handle is
+         * gone, so a failed reopen leaves *imgp NULL, never dangling. */
         unlink(path);
+        *imgp = NULL;
         int r2 = open_rw(keep, old_fmt, imgp, err, sizeof(err));
         free(keep);
         return r2 < 0 ? r2 : ret;

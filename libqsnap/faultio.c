@@ -8,7 +8,9 @@
  *   2. In volatile mode each pending record holds what its operation
  *      overwrote (bytes and the file size before it), so undoing all
  *      records newest first gives back the file as of the last flush.
- *   3. A dead wrapper touches nothing: every call fails with -EIO.
+ *   3. A recorded write covers whole sectors: what survives a power cut is,
+ *      sector by sector, one of the versions the disk was given.
+ *   4. A dead wrapper touches nothing: every call fails with -EIO.
  */
 #include "config.h"
 
@@ -24,6 +26,9 @@
 
 #include "qs_fault.h"
 #include "qs_int.h"
+
+/* The unit a disk writes atomically. */
+#define FAULT_SECTOR 512u
 
 /* One operation the write cache could still lose. */
 struct pending_op {
@@ -162,9 +167,20 @@ static int pending_add(struct faultio *f, enum qs_fault_op op, uint64_t off,
     if (ret < 0) {
         return ret;
     }
+    if (op == QS_FAULT_WRITE) {
+        /* A disk writes whole sectors, and the page cache hands it what it
+         * holds around a partial write: record the write widened to its
+         * sectors (not past the file's end), as they will read after it. */
+        const uint64_t end = off + len;
+        q.off = off - off % FAULT_SECTOR;
+        q.len = QS_MIN(QS_DIV_ROUND_UP(end, FAULT_SECTOR) * FAULT_SECTOR,
+                       QS_MAX(q.old_size, end)) -
+                q.off;
+    }
     if (op == QS_FAULT_WRITE || op == QS_FAULT_PUNCH) {
-        q.pre_off = off;
-        q.pre_len = off < q.old_size ? QS_MIN(len, q.old_size - off) : 0;
+        q.pre_off = q.off;
+        q.pre_len =
+            q.off < q.old_size ? QS_MIN(q.len, q.old_size - q.off) : 0;
     } else if (op == QS_FAULT_TRUNCATE && off < q.old_size) {
         q.pre_off = off;
         q.pre_len = q.old_size - off;
@@ -181,12 +197,14 @@ static int pending_add(struct faultio *f, enum qs_fault_op op, uint64_t off,
         }
     }
     if (op == QS_FAULT_WRITE) {
-        q.data = malloc(len ? (size_t)len : 1);
+        q.data = malloc(q.len ? (size_t)q.len : 1);
         if (!q.data) {
             free(q.pre);
             return -ENOMEM;
         }
-        uint64_t pos = 0;
+        memcpy(q.data, q.pre, (size_t)q.pre_len);
+        memset(q.data + q.pre_len, 0, (size_t)(q.len - q.pre_len));
+        uint64_t pos = off - q.off;
         for (int i = 0; i < n; i++) {
             memcpy(q.data + pos, iov[i].iov_base, iov[i].iov_len);
             pos += iov[i].iov_len;
@@ -287,6 +305,17 @@ struct random_keep {
     unsigned percent;
 };
 
+/* A well-mixed, non-zero generator state from any seed (small seeds
+ * would otherwise give correlated first draws). */
+static uint64_t seed_state(uint64_t seed)
+{
+    uint64_t z = seed + UINT64_C(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
+    z ^= z >> 31;
+    return z ? z : 1;
+}
+
 static bool keep_random(void *opaque, size_t idx, enum qs_fault_op op,
                         uint64_t off, uint64_t len)
 {
@@ -305,8 +334,9 @@ static bool keep_random(void *opaque, size_t idx, enum qs_fault_op op,
 
 static void wrapper_free(struct faultio *f);
 
-/* The power fails for every file of the shared plan.  Plan lock held. */
-static void power_cut(struct fault_plan *p)
+/* The power fails for every file of the shared plan, just before a call
+ * of kind `op`.  Plan lock held. */
+static void power_cut(struct fault_plan *p, enum qs_fault_op op)
 {
     size_t n_fs = 0;
     for (struct faultio *f = p->wrappers; f; f = f->next) {
@@ -317,14 +347,14 @@ static void power_cut(struct fault_plan *p)
     for (struct faultio *f = p->wrappers; fs && f; f = f->next) {
         fs[i++] = f;
     }
-    struct random_keep k = {p->seed ? p->seed : 1, p->keep_percent};
+    struct random_keep k = {seed_state(p->seed), p->keep_percent};
     size_t n_total = 0;
     const int dropped =
         fs ? crash_all(fs, n_fs, keep_random, &k, &n_total) : -ENOMEM;
     p->cut_done = true;
-    plan_log(p, "power cut before modifying call %lu: %d of %zu cached "
-                "operations lost over %zu files",
-             p->modifying, dropped, n_total, n_fs);
+    plan_log(p, "power cut before modifying call %lu (a %s): %d of %zu "
+                "cached operations lost over %zu files",
+             p->modifying, op_names[op], dropped, n_total, n_fs);
     /* Files closed while their cache was full can go now. */
     struct faultio **link = &p->wrappers;
     while (*link) {
@@ -359,7 +389,7 @@ static int fault_gate(struct faultio *f, enum qs_fault_op op)
     }
     if (p->cut_at && !p->cut_done && op != QS_FAULT_READ &&
         ++p->modifying >= p->cut_at) {
-        power_cut(p);
+        power_cut(p, op);
         return -EIO;
     }
     return 0;
@@ -634,7 +664,7 @@ int qs_faultio_crash(qs_io *fio, qs_faultio_keep_fn keep, void *opaque)
 
 int qs_faultio_crash_random(qs_io *fio, uint64_t seed, unsigned keep_percent)
 {
-    struct random_keep k = {seed ? seed : 1, keep_percent};
+    struct random_keep k = {seed_state(seed), keep_percent};
     return qs_faultio_crash(fio, keep_random, &k);
 }
 

@@ -378,8 +378,15 @@ static int open_qcow2(struct qsnap_image *img, const struct qsnap_open_opts *o,
 
     if (img->rw) {
         if ((img->hdr.incompat & QS_INCOMPAT_DIRTY) && !check_mode) {
-            /* Refcounts may lag the L2 tables: recompute them first. */
+            /* Refcounts may lag the L2 tables: recompute them first,
+             * then the COPIED flags that follow from them. */
             ret = qs_rebuild_refcounts(img);
+            if (ret == 0) {
+                ret = qs_refresh_copied(img);
+            }
+            if (ret == 0) {
+                ret = qs_meta_sync(img);
+            }
             if (ret == 0) {
                 uint8_t f[8];
                 img->hdr.incompat &= ~QS_INCOMPAT_DIRTY;

@@ -134,6 +134,7 @@ struct qsnap_image {
     uint64_t snapshot_table_bytes;
 
     bool dirty_marked; /* lazy refcounts: the dirty bit is on disk */
+    bool txn_dirty;    /* set by qs_txn_begin, cleared by qs_txn_end */
 
     struct qsnap_view *views;      /* open snapshot views (exclusive lock) */
     struct qsnap_checkpoint *ckpt; /* the open checkpoint, if any */
@@ -247,6 +248,9 @@ int qs_l1_grow(struct qsnap_image *img, uint32_t min_size);
 int qs_preallocate(struct qsnap_image *img, int mode);
 int qs_meta_sync(struct qsnap_image *img);
 int qs_mark_dirty(struct qsnap_image *img);
+/* Brackets a change of refcounts and COPIED flags (see cluster.c). */
+int qs_txn_begin(struct qsnap_image *img);
+int qs_txn_end(struct qsnap_image *img);
 uint64_t qs_l2_entry_get(const struct qsnap_image *img, const void *l2,
                          uint64_t idx, uint64_t *bitmap);
 enum qs_ctype qs_l2_entry_type(const struct qsnap_image *img, uint64_t e);

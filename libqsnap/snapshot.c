@@ -665,7 +665,7 @@ int qs_snapshot_create_locked(struct qsnap_image *img, const char *name,
         return qs_error(img, -EFBIG, "%s: already %u snapshots (the limit)",
                         img->filename, img->n_snapshots);
     }
-    if ((ret = qs_mark_dirty(img)) < 0 || (ret = qs_settle(img)) < 0) {
+    if ((ret = qs_txn_begin(img)) < 0 || (ret = qs_settle(img)) < 0) {
         return ret;
     }
 
@@ -743,7 +743,8 @@ int qs_snapshot_create_locked(struct qsnap_image *img, const char *name,
         return -ENOMEM;
     }
     l[n++] = sn;
-    return commit_clone(img, l, n);
+    ret = commit_clone(img, l, n);
+    return ret < 0 ? ret : qs_txn_end(img);
 }
 
 QSNAP_API int qsnap_snapshot_create(qsnap_image *img, const char *name,
@@ -771,7 +772,7 @@ static int snapshot_apply_locked(struct qsnap_image *img, int idx)
     const uint64_t cs = img->cluster_size;
     const struct qs_snapshot *sn = &img->snapshots[idx];
     int ret;
-    if ((ret = qs_mark_dirty(img)) < 0 || (ret = qs_settle(img)) < 0) {
+    if ((ret = qs_txn_begin(img)) < 0 || (ret = qs_settle(img)) < 0) {
         return ret;
     }
     uint64_t *sl1;
@@ -848,7 +849,7 @@ static int snapshot_apply_locked(struct qsnap_image *img, int idx)
         ret = qs_refresh_copied(img);
     }
     if (ret == 0) {
-        ret = qs_meta_sync(img);
+        ret = qs_txn_end(img);
     }
 out:
     free(sl1);
@@ -890,7 +891,7 @@ static int snapshot_delete_locked(struct qsnap_image *img, int idx)
                         img->filename, sn->name, sn->id);
     }
     int ret;
-    if ((ret = qs_mark_dirty(img)) < 0 || (ret = qs_settle(img)) < 0) {
+    if ((ret = qs_txn_begin(img)) < 0 || (ret = qs_settle(img)) < 0) {
         return ret;
     }
     uint64_t *sl1;
@@ -924,7 +925,7 @@ static int snapshot_delete_locked(struct qsnap_image *img, int idx)
         ret = qs_refresh_copied(img);
     }
     if (ret == 0) {
-        ret = qs_meta_sync(img);
+        ret = qs_txn_end(img);
     }
     return ret;
 }
