@@ -141,7 +141,8 @@ struct qsnap_create_opts {
 QSNAP_API void qsnap_create_opts_init(struct qsnap_create_opts *opts);
 
 /*
- * Creates a new image at `path`, replacing an existing file.
+ * Creates a new image at `path`, replacing an existing file.  On a failure
+ * after the file was opened, the half-made file is removed.
  * Returns: 0, -EINVAL (bad option, message names it), -EEXIST,
  * -ENOSPC, -EIO, -EAGAIN (the file is locked by another process).
  */

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "qs_int.h"
 
@@ -719,10 +720,11 @@ static int create_raw(const char *path, const struct qsnap_create_opts *o,
     if (ret == 0) {
         ret = qs_io_flush(io);
     }
+    qs_io_close(io);
     if (ret < 0) {
         qs_fmt_err(err, errlen, "%s: %s", path, qsnap_strerror(ret));
+        unlink(path); /* ours since the open truncated it */
     }
-    qs_io_close(io);
     return ret;
 }
 
@@ -792,14 +794,18 @@ static int write_skeleton(const char *path, const struct qsnap_create_opts *o,
     if (ret == 0) {
         ret = qs_io_flush(io);
     }
+    qs_io_close(io);
+    free(buf);
     if (ret < 0) {
         qs_fmt_err(err, errlen, "%s: writing the new image: %s", path,
                    qsnap_strerror(ret));
+        unlink(path); /* ours since the open truncated it */
     }
-    qs_io_close(io);
-    free(buf);
     return ret;
 }
+
+static int finish_qcow2(const char *path, const struct qsnap_create_opts *o,
+                        char *err, size_t errlen);
 
 QSNAP_API int qsnap_create(const char *path,
                            const struct qsnap_create_opts *opts, char *err,
@@ -858,19 +864,31 @@ QSNAP_API int qsnap_create(const char *path,
     if (ret < 0) {
         return ret;
     }
+    /* The file is ours from here: a failure removes it rather than leave
+     * a half-made image (say, tables preallocated, data not). */
+    ret = finish_qcow2(path, &o, err, errlen);
+    if (ret < 0) {
+        unlink(path);
+    }
+    return ret;
+}
+
+static int finish_qcow2(const char *path, const struct qsnap_create_opts *o,
+                        char *err, size_t errlen)
+{
     struct qsnap_open_opts oo;
     qsnap_open_opts_init(&oo);
     oo.flags = QSNAP_OPEN_RDWR | QSNAP_OPEN_NO_BACKING;
     oo.format = QSNAP_FMT_QCOW2;
     qsnap_image *img;
-    ret = qsnap_open(path, &oo, &img, err, errlen);
+    int ret = qsnap_open(path, &oo, &img, err, errlen);
     if (ret < 0) {
         return ret;
     }
-    ret = qsnap_resize(img, o.size, 0);
-    if (ret == 0 && o.prealloc != QSNAP_PREALLOC_OFF) {
+    ret = qsnap_resize(img, o->size, 0);
+    if (ret == 0 && o->prealloc != QSNAP_PREALLOC_OFF) {
         pthread_rwlock_wrlock(&img->lock);
-        ret = qs_preallocate(img, o.prealloc);
+        ret = qs_preallocate(img, o->prealloc);
         pthread_rwlock_unlock(&img->lock);
     }
     if (ret < 0) {

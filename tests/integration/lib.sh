@@ -180,8 +180,8 @@ check_after_crash()
         case $rc in
         0) ;;
         3)
-            "$QSNAP_IMG" check -q -r leaks "$f" </dev/null >/dev/null 2>&1 ||
-                true
+            run_ok "$2: repair leaks in $f" "$QSNAP_IMG" check -q -r leaks \
+                "$f" </dev/null
             qemu_check "$f" "$2: after qsnap-img check -r leaks" </dev/null
             ;;
         *)
