@@ -298,7 +298,8 @@ typedef void (*qsnap_check_report_fn)(void *opaque, int level, const char *msg);
 /*
  * Checks the image's metadata and refcounts against each other; with a
  * repair flag (image opened read-write) fixes what it can.  Open damaged
- * images with QSNAP_OPEN_CHECK so the check sees them as they are.
+ * images with QSNAP_OPEN_CHECK so the check sees them as they are.  Takes
+ * the image exclusively: other threads' calls wait until it is done.
  * Returns 0 when the check itself ran (look at *res for the findings).
  */
 QSNAP_API int qsnap_check(qsnap_image *img, unsigned flags,
@@ -349,6 +350,9 @@ QSNAP_API void qsnap_snapshot_opts_init(struct qsnap_snapshot_opts *opts);
 
 /*
  * Creates a snapshot of the current disk named `name` (opts may be NULL).
+ * Writes that other threads have issued but that have not returned yet
+ * may be in the snapshot in part, as on a disk whose snapshot is taken
+ * under running I/O; writes that returned are in it whole.
  * Returns: 0, -EEXIST (the name or an ID with that text exists), -EINVAL
  * (empty or too long name), -EROFS, -EOVERFLOW (refcount_bits too small:
  * 1-bit images cannot share clusters), -ENOSPC, -EIO.

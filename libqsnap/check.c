@@ -138,8 +138,8 @@ static int walk_l1(struct ctx *c, const uint64_t *l1, uint32_t n, bool active)
         uint64_t next = 0; /* contiguity is tracked per L2 table */
         const uint64_t e = l1[i];
         const uint64_t off = e & QS_L1E_OFFSET_MASK;
-        if (!off) {
-            continue;
+        if (!off && !(e & QS_L1E_RESERVED)) {
+            continue; /* unallocated (reserved bits count even then) */
         }
         if ((e & QS_L1E_RESERVED) || (off & (img->cluster_size - 1)) ||
             off >= img->file_size) {

@@ -665,6 +665,13 @@ int qs_snapshot_create_locked(struct qsnap_image *img, const char *name,
         return qs_error(img, -EFBIG, "%s: already %u snapshots (the limit)",
                         img->filename, img->n_snapshots);
     }
+    /* A damaged L1 entry is refused before any refcount changes. */
+    for (uint32_t i = 0; i < img->l1_size; i++) {
+        uint64_t l2_off;
+        if ((ret = qs_l1_validate_entry(img, img->l1, i, &l2_off)) < 0) {
+            return ret;
+        }
+    }
     if ((ret = qs_txn_begin(img)) < 0 || (ret = qs_settle(img)) < 0) {
         return ret;
     }

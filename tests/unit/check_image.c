@@ -1449,6 +1449,15 @@ START_TEST(test_crash_random)
 }
 END_TEST
 
+/* Power-loss runs: 240, or UNIT_CRASH_RUNS (check-valgrind runs fewer,
+ * the plain and sanitizer builds run them all). */
+static int crash_runs(void)
+{
+    const char *e = getenv("UNIT_CRASH_RUNS");
+    const int n = e ? atoi(e) : 0;
+    return n > 0 ? n : 240;
+}
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -1486,7 +1495,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_disk_full);
     tcase_add_test(tc, test_crash_refcount_before_l2);
     tcase_add_test(tc, test_crash_cow_keeps_old_data);
-    tcase_add_loop_test(tc, test_crash_random, 0, 240);
+    tcase_add_loop_test(tc, test_crash_random, 0, crash_runs());
     suite_add_tcase(s, tc);
     return s;
 }
