@@ -26,6 +26,8 @@ struct qs_io_ops {
     int (*pwritev)(qs_io *io, const struct iovec *iov, int iovcnt,
                    uint64_t off);
     int (*flush)(qs_io *io);
+    /* Optional hint: start writing dirty data back, without waiting. */
+    void (*start_writeback)(qs_io *io);
     int (*truncate)(qs_io *io, uint64_t size);
     int (*punch)(qs_io *io, uint64_t off, uint64_t len);
     int (*falloc)(qs_io *io, uint64_t off, uint64_t len);
@@ -71,6 +73,13 @@ int qs_io_pwrite(qs_io *io, const void *buf, size_t len, uint64_t off);
 static inline int qs_io_flush(qs_io *io)
 {
     return io->ops->flush(io);
+}
+
+static inline void qs_io_start_writeback(qs_io *io)
+{
+    if (io->ops->start_writeback) {
+        io->ops->start_writeback(io);
+    }
 }
 
 static inline int qs_io_truncate(qs_io *io, uint64_t size)

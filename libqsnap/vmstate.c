@@ -30,13 +30,20 @@
  *   2. Every container field is validated against the area's size before
  *      use; every chunk read is checked against its hash; the chunk table
  *      of a section is checked against the section hash when opened.
+ *   3. Chunks are encoded (zero test, hash, zstd) a batch at a time, by the
+ *      caller's thread and a helper thread taking chunks from a shared
+ *      counter, and are written strictly in order once the whole batch is
+ *      done; the helper touches nothing but the slots it took.
  */
 #include "config.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <xxhash.h>
 #include <zstd.h>
 
@@ -53,6 +60,10 @@
 #define VMS_MAX_SECTIONS 65536u
 #define VMS_MAX_NAME 255u
 #define VMS_OUTBUF (4u << 20)
+/* Bytes of VM state written between two writeback hints. */
+#define VMS_WRITEBACK_STEP (32u << 20)
+/* Chunks encoded together: the caller's thread and one helper share them. */
+#define VMS_BATCH 16u
 /* zstd level for chunks: a fast one, memory images are large. */
 #ifndef VMS_ZSTD_LEVEL
 #define VMS_ZSTD_LEVEL 1
@@ -121,6 +132,48 @@ int qs_vmstate_drop(struct qsnap_image *img)
 
 /* ------------------------------------------------------------ save */
 
+/* One chunk on its way into the container. */
+struct enc_slot {
+    uint8_t *in; /* VMS_CHUNK_SIZE bytes */
+    uint32_t len;
+    bool zero; /* a whole zero chunk, found in the caller's buffer */
+    uint32_t section; /* index in ck->sections */
+    uint32_t kind;    /* results of encoding: */
+    uint32_t stored_len;
+    uint64_t hash;
+    uint8_t *z; /* ZSTD_compressBound(VMS_CHUNK_SIZE) bytes */
+};
+
+/* Chunks that fill up together and are encoded together. */
+struct batch {
+    struct enc_slot slots[VMS_BATCH];
+    uint32_t n;       /* full slots; slots[n] is being filled */
+    atomic_uint next; /* next slot to take for encoding */
+};
+
+/*
+ * Double-buffered encoder (invariant 3): while the caller fills one batch,
+ * the helper thread encodes the other; when the caller's batch is full,
+ * its thread takes what is left of the other one, waits for the helper to
+ * finish, writes it out, and hands over the full one.
+ */
+struct encoder {
+    struct batch b[2];
+    unsigned fill;      /* the batch being filled */
+    bool in_flight;     /* b[!fill] is handed over, not yet written */
+    ZSTD_CCtx *cctx[2]; /* [0] the caller's, [1] the helper's */
+    uint64_t zero_hash; /* of a whole zero chunk */
+
+    bool helper; /* the helper thread runs */
+    pthread_t thread;
+    pthread_mutex_t mtx;
+    pthread_cond_t go, done;
+    uint64_t given;    /* batches handed to the helper */
+    uint64_t finished; /* batches it has finished */
+    unsigned work;     /* the batch it is to encode */
+    bool quit;
+};
+
 struct qsnap_checkpoint {
     struct qsnap_image *img;
     char *name;
@@ -129,20 +182,16 @@ struct qsnap_checkpoint {
     uint64_t base; /* guest offset of the VM state area */
     uint64_t pos;  /* raw: bytes written; sections: end of chunk data */
     int error;     /* sticky: a failed write dooms the checkpoint */
+    uint64_t unsynced; /* bytes written since the last writeback hint */
 
     /* section container writer */
     struct section *sections;
     uint32_t n_sections;
     bool in_section;
-    uint8_t *chunk;
-    uint32_t chunk_fill;
     uint8_t *out;
     size_t out_fill;
     uint64_t out_pos; /* container offset of out[0] */
-    ZSTD_CCtx *cctx;
-    uint8_t *zbuf; /* compressed chunk, ZSTD_compressBound(chunk) bytes */
-    uint64_t zero_hash;
-    bool zero_hash_set;
+    struct encoder *enc;
 };
 
 static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
@@ -156,6 +205,13 @@ static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
     pthread_rwlock_wrlock(&img->lock);
     int ret = img->corrupt ? -EROFS : qs_write(img, &v, 1, ck->base + off, len);
     pthread_rwlock_unlock(&img->lock);
+    /* VM state is gigabytes written once, all flushed at the commit: get
+     * the disk going on it now rather than all at once then. */
+    ck->unsynced += len;
+    if (ret == 0 && ck->unsynced >= VMS_WRITEBACK_STEP) {
+        ck->unsynced = 0;
+        qs_io_start_writeback(img->io);
+    }
     return ret;
 }
 
@@ -187,8 +243,15 @@ static int out_put(struct qsnap_checkpoint *ck, const void *p, size_t len)
 
 static bool all_zero(const uint8_t *p, size_t len)
 {
-    /* Word at a time; buffers come from malloc, so aligned. */
+    /* 64 bytes a step (the compiler vectorises the OR), then words. */
     size_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+        uint64_t w[8];
+        memcpy(w, p + i, sizeof(w));
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) {
+            return false;
+        }
+    }
     for (; i + 8 <= len; i += 8) {
         uint64_t w;
         memcpy(&w, p + i, 8);
@@ -204,15 +267,134 @@ static bool all_zero(const uint8_t *p, size_t len)
     return true;
 }
 
-static int chunk_flush(struct qsnap_checkpoint *ck)
+/* Zero test, hash and compression of one chunk; never fails (a chunk
+ * zstd cannot shrink is stored raw). */
+static void encode_slot(const struct encoder *e, struct enc_slot *sl,
+                        ZSTD_CCtx *cctx)
 {
-    struct section *s = &ck->sections[ck->n_sections - 1];
-    const size_t len = ck->chunk_fill;
-    if (!len) {
-        return 0;
+    if (sl->zero || all_zero(sl->in, sl->len)) {
+        sl->kind = CHUNK_ZERO;
+        sl->stored_len = 0;
+        sl->hash = sl->len == VMS_CHUNK_SIZE ? e->zero_hash
+                                             : XXH64(sl->in, sl->len, 0);
+        return;
     }
+    sl->hash = XXH64(sl->in, sl->len, 0);
+    const size_t zl =
+        ZSTD_compressCCtx(cctx, sl->z, ZSTD_compressBound(VMS_CHUNK_SIZE),
+                          sl->in, sl->len, VMS_ZSTD_LEVEL);
+    if (!ZSTD_isError(zl) && zl < sl->len) {
+        sl->kind = CHUNK_ZSTD;
+        sl->stored_len = (uint32_t)zl;
+    } else {
+        sl->kind = CHUNK_RAW;
+        sl->stored_len = sl->len;
+    }
+}
+
+/* Takes slots from the batch's counter until it is used up. */
+static void encode_some(const struct encoder *e, struct batch *b,
+                        ZSTD_CCtx *cctx)
+{
+    for (;;) {
+        const unsigned i = atomic_fetch_add(&b->next, 1);
+        if (i >= b->n) {
+            return;
+        }
+        encode_slot(e, &b->slots[i], cctx);
+    }
+}
+
+static void *helper_main(void *arg)
+{
+    struct encoder *e = arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&e->mtx);
+    for (;;) {
+        while (e->given == seen && !e->quit) {
+            pthread_cond_wait(&e->go, &e->mtx);
+        }
+        if (e->quit) {
+            break;
+        }
+        seen = e->given;
+        struct batch *b = &e->b[e->work];
+        pthread_mutex_unlock(&e->mtx);
+        encode_some(e, b, e->cctx[1]);
+        pthread_mutex_lock(&e->mtx);
+        e->finished = seen;
+        pthread_cond_signal(&e->done);
+    }
+    pthread_mutex_unlock(&e->mtx);
+    return NULL;
+}
+
+static void encoder_free(struct encoder *e)
+{
+    if (!e) {
+        return;
+    }
+    if (e->helper) {
+        pthread_mutex_lock(&e->mtx);
+        e->quit = true;
+        pthread_cond_signal(&e->go);
+        pthread_mutex_unlock(&e->mtx);
+        pthread_join(e->thread, NULL);
+    }
+    pthread_mutex_destroy(&e->mtx);
+    pthread_cond_destroy(&e->go);
+    pthread_cond_destroy(&e->done);
+    for (unsigned k = 0; k < 2; k++) {
+        for (unsigned i = 0; i < VMS_BATCH; i++) {
+            free(e->b[k].slots[i].in);
+            free(e->b[k].slots[i].z);
+        }
+    }
+    ZSTD_freeCCtx(e->cctx[0]);
+    ZSTD_freeCCtx(e->cctx[1]);
+    free(e);
+}
+
+static struct encoder *encoder_new(void)
+{
+    struct encoder *e = calloc(1, sizeof(*e));
+    if (!e) {
+        return NULL;
+    }
+    pthread_mutex_init(&e->mtx, NULL);
+    pthread_cond_init(&e->go, NULL);
+    pthread_cond_init(&e->done, NULL);
+    bool ok = true;
+    for (unsigned k = 0; k < 2; k++) {
+        for (unsigned i = 0; i < VMS_BATCH && ok; i++) {
+            struct enc_slot *sl = &e->b[k].slots[i];
+            sl->in = malloc(VMS_CHUNK_SIZE);
+            sl->z = malloc(ZSTD_compressBound(VMS_CHUNK_SIZE));
+            ok = sl->in && sl->z;
+        }
+    }
+    e->cctx[0] = ZSTD_createCCtx();
+    e->cctx[1] = ZSTD_createCCtx();
+    if (!ok || !e->cctx[0] || !e->cctx[1]) {
+        encoder_free(e);
+        return NULL;
+    }
+    memset(e->b[0].slots[0].in, 0, VMS_CHUNK_SIZE);
+    e->zero_hash = XXH64(e->b[0].slots[0].in, VMS_CHUNK_SIZE, 0);
+    /* A helper only where there is a second processor to run it. */
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1 &&
+        pthread_create(&e->thread, NULL, helper_main, e) == 0) {
+        e->helper = true;
+    }
+    return e;
+}
+
+/* Appends one encoded chunk to its section and to the output. */
+static int emit_slot(struct qsnap_checkpoint *ck, const struct enc_slot *sl)
+{
+    struct section *s = &ck->sections[sl->section];
     if (s->n_chunks == s->cap_chunks) {
-        uint64_t cap = s->cap_chunks ? s->cap_chunks * 2 : 64;
+        const uint64_t cap = s->cap_chunks ? s->cap_chunks * 2 : 64;
         struct chunk_rec *c = realloc(s->chunks, cap * sizeof(*c));
         if (!c) {
             return -ENOMEM;
@@ -221,38 +403,86 @@ static int chunk_flush(struct qsnap_checkpoint *ck)
         s->cap_chunks = cap;
     }
     struct chunk_rec *r = &s->chunks[s->n_chunks++];
-    r->offset = ck->out_pos + ck->out_fill;
-    ck->chunk_fill = 0;
-    if (all_zero(ck->chunk, len)) {
-        /* Zero chunks are common: hash a full one only once. */
-        if (len == VMS_CHUNK_SIZE && !ck->zero_hash_set) {
-            ck->zero_hash = XXH64(ck->chunk, len, 0);
-            ck->zero_hash_set = true;
-        }
-        r->hash =
-            len == VMS_CHUNK_SIZE ? ck->zero_hash : XXH64(ck->chunk, len, 0);
-        r->kind = CHUNK_ZERO;
-        r->stored_len = 0;
-        r->offset = 0;
+    r->kind = sl->kind;
+    r->stored_len = sl->stored_len;
+    r->hash = sl->hash;
+    r->offset = sl->kind == CHUNK_ZERO ? 0 : ck->out_pos + ck->out_fill;
+    s->stored += sl->stored_len;
+    switch (sl->kind) {
+    case CHUNK_ZSTD:
+        return out_put(ck, sl->z, sl->stored_len);
+    case CHUNK_RAW:
+        return out_put(ck, sl->in, sl->len);
+    default:
         return 0;
     }
-    r->hash = XXH64(ck->chunk, len, 0);
-    const size_t bound = ZSTD_compressBound(VMS_CHUNK_SIZE);
-    uint8_t *z = ck->zbuf;
-    size_t zl =
-        ZSTD_compressCCtx(ck->cctx, z, bound, ck->chunk, len, VMS_ZSTD_LEVEL);
-    int ret;
-    if (!ZSTD_isError(zl) && zl < len) {
-        r->kind = CHUNK_ZSTD;
-        r->stored_len = (uint32_t)zl;
-        ret = out_put(ck, z, zl);
-    } else {
-        r->kind = CHUNK_RAW;
-        r->stored_len = (uint32_t)len;
-        ret = out_put(ck, ck->chunk, len);
+}
+
+/* Finishes encoding the batch in flight (helping the helper) and writes
+ * it out in order. */
+static int drain_in_flight(struct qsnap_checkpoint *ck)
+{
+    struct encoder *e = ck->enc;
+    if (!e->in_flight) {
+        return 0;
     }
-    s->stored += r->stored_len;
+    struct batch *b = &e->b[!e->fill];
+    encode_some(e, b, e->cctx[0]);
+    if (e->helper) {
+        pthread_mutex_lock(&e->mtx);
+        while (e->finished != e->given) {
+            pthread_cond_wait(&e->done, &e->mtx);
+        }
+        pthread_mutex_unlock(&e->mtx);
+    }
+    e->in_flight = false;
+    int ret = 0;
+    for (unsigned i = 0; i < b->n && ret == 0; i++) {
+        ret = emit_slot(ck, &b->slots[i]);
+    }
+    for (unsigned i = 0; i < VMS_BATCH; i++) {
+        b->slots[i].len = 0;
+        b->slots[i].zero = false;
+    }
+    b->n = 0;
     return ret;
+}
+
+/* Writes out the batch in flight and hands over the one being filled. */
+static int batch_flush(struct qsnap_checkpoint *ck)
+{
+    struct encoder *e = ck->enc;
+    int ret = drain_in_flight(ck);
+    struct batch *b = &e->b[e->fill];
+    if (ret < 0 || !b->n) {
+        return ret;
+    }
+    atomic_store(&b->next, 0);
+    if (e->helper) {
+        pthread_mutex_lock(&e->mtx);
+        e->work = e->fill;
+        e->given++;
+        pthread_cond_signal(&e->go);
+        pthread_mutex_unlock(&e->mtx);
+    }
+    e->in_flight = true;
+    e->fill = !e->fill;
+    return 0;
+}
+
+/* Closes the slot being filled (if it holds anything); hands the batch
+ * over when it is full. */
+static int slot_close(struct qsnap_checkpoint *ck)
+{
+    struct encoder *e = ck->enc;
+    struct batch *b = &e->b[e->fill];
+    struct enc_slot *sl = &b->slots[b->n];
+    if (!sl->len) {
+        return 0;
+    }
+    sl->section = ck->n_sections - 1;
+    b->n++;
+    return b->n == VMS_BATCH ? batch_flush(ck) : 0;
 }
 
 static void ck_free(struct qsnap_checkpoint *ck)
@@ -261,10 +491,8 @@ static void ck_free(struct qsnap_checkpoint *ck)
         free(ck->sections[i].chunks);
     }
     free(ck->sections);
-    free(ck->chunk);
     free(ck->out);
-    free(ck->zbuf);
-    ZSTD_freeCCtx(ck->cctx);
+    encoder_free(ck->enc);
     free(ck->name);
     free(ck);
 }
@@ -288,16 +516,13 @@ QSNAP_API int qsnap_checkpoint_begin(qsnap_image *img, const char *name,
     ck->flags = flags;
     ck->name = name ? strdup(name) : NULL;
     if (flags & QSNAP_CHECKPOINT_SECTIONS) {
-        ck->chunk = malloc(VMS_CHUNK_SIZE);
         ck->out = malloc(VMS_OUTBUF);
-        ck->cctx = ZSTD_createCCtx();
-        ck->zbuf = malloc(ZSTD_compressBound(VMS_CHUNK_SIZE));
+        ck->enc = encoder_new();
         ck->pos = VMS_DATA_START;
         ck->out_pos = VMS_DATA_START;
     }
-    if ((name && !ck->name) ||
-        ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
-         (!ck->chunk || !ck->out || !ck->cctx || !ck->zbuf))) {
+    if ((name && !ck->name) || ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
+                                (!ck->out || !ck->enc))) {
         ck_free(ck);
         return -ENOMEM;
     }
@@ -411,7 +636,6 @@ QSNAP_API int qsnap_checkpoint_section_begin(qsnap_checkpoint *ck,
     memset(s, 0, sizeof(*s));
     snprintf(s->name, sizeof(s->name), "%s", name);
     ck->in_section = true;
-    ck->chunk_fill = 0;
     return 0;
 }
 
@@ -427,16 +651,30 @@ QSNAP_API int qsnap_checkpoint_section_write(qsnap_checkpoint *ck,
                         ck->img->filename);
     }
     struct section *s = &ck->sections[ck->n_sections - 1];
+    struct encoder *e = ck->enc;
     const uint8_t *p = buf;
     while (len && ret == 0) {
-        const size_t n = QS_MIN(len, VMS_CHUNK_SIZE - ck->chunk_fill);
-        memcpy(ck->chunk + ck->chunk_fill, p, n);
-        ck->chunk_fill += (uint32_t)n;
+        struct batch *b = &e->b[e->fill];
+        struct enc_slot *sl = &b->slots[b->n];
+        if (!sl->len && len >= VMS_CHUNK_SIZE &&
+            all_zero(p, VMS_CHUNK_SIZE)) {
+            /* Half of a guest's memory is zero pages: no copy for them. */
+            sl->zero = true;
+            sl->len = VMS_CHUNK_SIZE;
+            s->size += VMS_CHUNK_SIZE;
+            p += VMS_CHUNK_SIZE;
+            len -= VMS_CHUNK_SIZE;
+            ret = slot_close(ck);
+            continue;
+        }
+        const size_t n = QS_MIN(len, VMS_CHUNK_SIZE - sl->len);
+        memcpy(sl->in + sl->len, p, n);
+        sl->len += (uint32_t)n;
         s->size += n;
         p += n;
         len -= n;
-        if (ck->chunk_fill == VMS_CHUNK_SIZE) {
-            ret = chunk_flush(ck);
+        if (sl->len == VMS_CHUNK_SIZE) {
+            ret = slot_close(ck);
         }
     }
     if (ret < 0) {
@@ -455,7 +693,7 @@ QSNAP_API int qsnap_checkpoint_section_end(qsnap_checkpoint *ck)
         return qs_error(ck->img, -EINVAL, "%s: no section is open",
                         ck->img->filename);
     }
-    ret = chunk_flush(ck);
+    ret = slot_close(ck);
     ck->in_section = false;
     if (ret < 0) {
         ck->error = ret;
@@ -482,7 +720,14 @@ static void encode_recs(const struct section *s, uint8_t *p)
 /* Directory and superblock; returns the container's total size. */
 static int finish_container(struct qsnap_checkpoint *ck, uint64_t *total)
 {
-    int ret = out_flush(ck);
+    /* Hand over the last batch, then write it out too. */
+    int ret = batch_flush(ck);
+    if (ret == 0) {
+        ret = drain_in_flight(ck);
+    }
+    if (ret == 0) {
+        ret = out_flush(ck);
+    }
     if (ret < 0) {
         return ret;
     }
@@ -617,6 +862,40 @@ static int area_read(struct qsnap_vmstate *vs, void *buf, size_t len,
     int ret = qs_read_l1(img, vs->view.l1, vs->view.l1_size, &v, 1,
                          vs->base + off, len);
     pthread_rwlock_unlock(&img->lock);
+    return ret;
+}
+
+static int cmp_section_name(const void *a, const void *b)
+{
+    return strcmp((*(const struct section *const *)a)->name,
+                  (*(const struct section *const *)b)->name);
+}
+
+/* Section names are unique (reads go by name): sorted, no two alike. */
+static int check_unique_names(struct qsnap_vmstate *vs, const char *fn,
+                              const char *snap)
+{
+    if (vs->n_sections < 2) {
+        return 0;
+    }
+    const struct section **order = malloc(vs->n_sections * sizeof(*order));
+    if (!order) {
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < vs->n_sections; i++) {
+        order[i] = &vs->sections[i];
+    }
+    qsort(order, vs->n_sections, sizeof(*order), cmp_section_name);
+    int ret = 0;
+    for (uint32_t i = 1; i < vs->n_sections && ret == 0; i++) {
+        if (strcmp(order[i - 1]->name, order[i]->name) == 0) {
+            ret = qs_error(vs->view.img, -EUCLEAN,
+                           "%s: snapshot %s: VM state section name '%s' "
+                           "appears twice",
+                           fn, snap, order[i]->name);
+        }
+    }
+    free(order);
     return ret;
 }
 
@@ -763,6 +1042,9 @@ static int parse_container(struct qsnap_vmstate *vs, const char *fn,
     }
 #undef BADC
     free(dir);
+    if (ret == 0) {
+        ret = check_unique_names(vs, fn, snap);
+    }
     if (ret == 0) {
         vs->cbuf = malloc(vs->chunk_size);
         vs->dctx = ZSTD_createDCtx();
