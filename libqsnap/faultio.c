@@ -202,11 +202,15 @@ static int pending_add(struct faultio *f, enum qs_fault_op op, uint64_t off,
             free(q.pre);
             return -ENOMEM;
         }
-        memcpy(q.data, q.pre, (size_t)q.pre_len);
+        if (q.pre_len) { /* (q.pre is NULL otherwise) */
+            memcpy(q.data, q.pre, (size_t)q.pre_len);
+        }
         memset(q.data + q.pre_len, 0, (size_t)(q.len - q.pre_len));
         uint64_t pos = off - q.off;
         for (int i = 0; i < n; i++) {
-            memcpy(q.data + pos, iov[i].iov_base, iov[i].iov_len);
+            if (iov[i].iov_len) {
+                memcpy(q.data + pos, iov[i].iov_base, iov[i].iov_len);
+            }
             pos += iov[i].iov_len;
         }
     }
