@@ -527,24 +527,6 @@ static void l1_mark(struct qsnap_image *img, uint32_t idx)
     img->l1_dirty_hi = QS_MAX(img->l1_dirty_hi, idx);
 }
 
-int qs_mark_dirty(struct qsnap_image *img)
-{
-    if (!(img->hdr.compat & QS_COMPAT_LAZY_REFCOUNTS) || img->dirty_marked) {
-        return 0;
-    }
-    uint8_t field[8];
-    qs_be64_store(field, img->hdr.incompat | QS_INCOMPAT_DIRTY);
-    int ret = qs_header_write_field(img, QS_HDR_OFF_INCOMPAT, field, 8);
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
-    if (ret < 0) {
-        return ret;
-    }
-    img->hdr.incompat |= QS_INCOMPAT_DIRTY;
-    img->dirty_marked = true;
-    return 0;
-}
 
 /* Writes the incompatible-features field with the dirty bit as `on`. */
 static int write_dirty_bit(struct qsnap_image *img, bool on)
@@ -559,6 +541,20 @@ static int write_dirty_bit(struct qsnap_image *img, bool on)
     }
     if (ret == 0) {
         img->hdr.incompat = incompat;
+    }
+    return ret;
+}
+
+/* Lazy refcounts: the dirty bit goes on disk before the first change
+ * whose refcounts it lets lag, and stays until a clean close. */
+int qs_mark_dirty(struct qsnap_image *img)
+{
+    if (!(img->hdr.compat & QS_COMPAT_LAZY_REFCOUNTS) || img->dirty_marked) {
+        return 0;
+    }
+    const int ret = write_dirty_bit(img, true);
+    if (ret == 0) {
+        img->dirty_marked = true;
     }
     return ret;
 }
