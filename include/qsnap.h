@@ -61,6 +61,16 @@ QSNAP_API const char *qsnap_version(void);
 /* Returns a static description of a (negative or positive) errno code. */
 QSNAP_API const char *qsnap_strerror(int err);
 
+/*
+ * Allocates `len` bytes suited to I/O with an image: aligned for O_DIRECT
+ * (QSNAP_OPEN_NOCACHE) and, from 2 MiB up, 2 MiB-aligned and advised to
+ * transparent huge pages, so large requests reach the disk in few
+ * segments.  Any buffer works with the I/O calls; this one is faster.
+ * Free it with qsnap_free_buf().  Returns NULL when out of memory.
+ */
+QSNAP_API void *qsnap_alloc_buf(size_t len);
+QSNAP_API void qsnap_free_buf(void *buf);
+
 typedef struct qsnap_image qsnap_image;
 
 /* ------------------------------------------------------------------ */

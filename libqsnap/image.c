@@ -16,6 +16,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -26,13 +27,40 @@
 
 /* ------------------------------------------------------------ helpers */
 
+/*
+ * I/O buffers are page-aligned, which O_DIRECT needs.  From 2 MiB up they
+ * are aligned to 2 MiB and offered to transparent huge pages: a request's
+ * memory is then physically contiguous and reaches the disk as a few
+ * segments instead of one per 4 KiB page, which on a device with a small
+ * segment limit (virtio-blk: 254) is the difference between one request
+ * and two for every 1 MiB transfer.
+ */
+#define QS_HUGE_ALIGN (2u << 20)
+
 void *qs_alloc_buf(size_t len)
 {
+    const size_t align = len >= QS_HUGE_ALIGN ? QS_HUGE_ALIGN : 4096;
     void *p = NULL;
-    if (posix_memalign(&p, 4096, len ? len : 1) != 0) {
+    if (posix_memalign(&p, align, len ? len : 1) != 0) {
         return NULL;
     }
+#ifdef MADV_HUGEPAGE
+    if (align == QS_HUGE_ALIGN) {
+        /* Advice only: without huge pages the buffer works the same. */
+        madvise(p, len & ~(size_t)(QS_HUGE_ALIGN - 1), MADV_HUGEPAGE);
+    }
+#endif
     return p;
+}
+
+QSNAP_API void *qsnap_alloc_buf(size_t len)
+{
+    return qs_alloc_buf(len);
+}
+
+QSNAP_API void qsnap_free_buf(void *buf)
+{
+    free(buf);
 }
 
 int qs_host_read(struct qsnap_image *img, void *buf, size_t len,

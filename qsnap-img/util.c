@@ -806,11 +806,7 @@ const char *qi_strip_path(const char *msg, const char *path)
 
 void *qi_alloc_buf(size_t len)
 {
-    void *p = NULL;
-    if (posix_memalign(&p, 4096, len ? len : 1) != 0) {
-        return NULL;
-    }
-    return p;
+    return qsnap_alloc_buf(len);
 }
 
 bool qi_is_zero(const void *buf, size_t len)

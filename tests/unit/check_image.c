@@ -695,6 +695,48 @@ START_TEST(test_vectors_file)
 }
 END_TEST
 
+START_TEST(test_alloc_buf_direct)
+{
+    /* Small buffers are page-aligned, large ones 2 MiB-aligned, and both
+     * carry O_DIRECT requests through a NOCACHE handle. */
+    const size_t big = 4u << 20;
+    uint8_t *small = qsnap_alloc_buf(4096);
+    uint8_t *w = qsnap_alloc_buf(big);
+    uint8_t *r = qsnap_alloc_buf(big);
+    ck_assert_ptr_nonnull(small);
+    ck_assert_ptr_nonnull(w);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq((uintptr_t)small % 4096, 0);
+    ck_assert_uint_eq((uintptr_t)w % (2u << 20), 0);
+    ck_assert_uint_eq((uintptr_t)r % (2u << 20), 0);
+    for (size_t i = 0; i < big; i++) {
+        w[i] = (uint8_t)(i * 7 + i / 4096);
+    }
+    memset(small, 0x5a, 4096);
+
+    struct qsnap_create_opts o;
+    opts_mem(&o);
+    char err[512] = "";
+    ck_assert_int_eq(qsnap_create(tpath("d.qcow2"), &o, err, sizeof(err)), 0);
+    struct qsnap_open_opts oo;
+    qsnap_open_opts_init(&oo);
+    oo.flags = QSNAP_OPEN_RDWR | QSNAP_OPEN_NOCACHE;
+    ck_assert_int_eq(qsnap_open(tpath("d.qcow2"), &oo, &img, err, sizeof(err)),
+                     0);
+    ck_assert_int_eq(qsnap_pwrite(img, w, big, 0), 0);
+    ck_assert_int_eq(qsnap_pwrite(img, small, 4096, big), 0);
+    ck_assert_int_eq(qsnap_pread(img, r, big, 0), 0);
+    ck_assert_mem_eq(r, w, big);
+    ck_assert_int_eq(qsnap_pread(img, r, 4096, big), 0);
+    ck_assert_mem_eq(r, small, 4096);
+    assert_clean();
+    qsnap_free_buf(small);
+    qsnap_free_buf(w);
+    qsnap_free_buf(r);
+    qsnap_free_buf(NULL);
+}
+END_TEST
+
 START_TEST(test_out_of_range)
 {
     struct qsnap_create_opts o;
@@ -1480,6 +1522,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_odd_offsets);
     tcase_add_test(tc, test_vectors_mem);
     tcase_add_test(tc, test_vectors_file);
+    tcase_add_test(tc, test_alloc_buf_direct);
     tcase_add_test(tc, test_out_of_range);
     tcase_add_test(tc, test_read_only);
     tcase_add_test(tc, test_resize);
