@@ -17,12 +17,16 @@
  *     the ABI.
  *
  * Threads
- *   A qsnap_image may be shared by any number of threads.  Reads, and
- *   writes that land on clusters the image already owns exclusively, run in
- *   parallel under a shared lock; anything that changes metadata
- *   (allocation, discard, zeroing, resize, flush, snapshots) takes the
- *   image's lock exclusively.  qsnap_close() must not race any other call on
- *   the same handle.  Different handles are independent, but only one
+ *   A qsnap_image may be shared by any number of threads.  Reads run in
+ *   parallel under a shared lock.  Writes hold no lock while their data
+ *   goes to disk: one that lands on clusters the image already owns looks
+ *   up where they are under the shared lock, and one that needs new
+ *   clusters (up to 16 of them) takes the lock exclusively only to
+ *   allocate them and, once its data is written, to link them in.  Other
+ *   metadata changes (discard, zeroing, flush) take the lock exclusively;
+ *   operations on the whole image (snapshots, resize, compaction, commit)
+ *   also wait for the writes in flight.  qsnap_close() must not race any
+ *   other call on the same handle.  Different handles are independent, but only one
  *   read-write handle per image file may exist (see image locking below).
  *
  * Image locking

@@ -98,7 +98,7 @@ static int set_backing_name(struct qsnap_image *img, const char *name,
                         "%s: backing file name is %zu bytes (at most %u)",
                         img->filename, strlen(name), QS_MAX_BACKING_NAME);
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     struct qs_header old = img->hdr;
     snprintf(img->hdr.backing_file, sizeof(img->hdr.backing_file), "%s",
              name ? name : "");
@@ -389,7 +389,7 @@ QSNAP_API int qsnap_commit(qsnap_image *top, const char *base_path,
         return ret;
     }
     /* Readers of the base must not serve stale tables (invariant 2). */
-    pthread_rwlock_wrlock(&top->lock);
+    qs_lock_exclusive(top);
     ret = qs_reopen_backing(top);
     if (ret == 0 && depth == 1 && !(flags & QSNAP_COMMIT_KEEP)) {
         /* Empty the top: it now reads everything through the base. */

@@ -792,154 +792,269 @@ static int cluster_content(struct qsnap_image *img, uint64_t guest_cl_off,
 
 /* ------------------------------------------------------------ writing */
 
-int qs_write_inplace(struct qsnap_image *img, const struct iovec *iov, int n,
-                     uint64_t guest_off, uint64_t len)
+/*
+ * Writes to clusters the image owns (COPIED) change no metadata: the
+ * mapping is looked up under the shared lock and the data written after
+ * the lock is dropped, so that no lock is held while the disk works.  Until
+ * qs_inplace_end, img->inplace_inflight counts the write; a cluster it may
+ * target cannot be freed and reused meanwhile (qs_refcount_drain waits for
+ * the count to fall to 0), nor shared by a snapshot or moved by compaction
+ * (qs_lock_exclusive waits the same way).
+ */
+int qs_inplace_begin(struct qsnap_image *img, uint64_t guest_off, uint64_t len,
+                     struct qs_inplace_plan *p)
 {
+    size_t cap = sizeof(p->local) / sizeof(p->local[0]);
     uint64_t pos = 0;
+    int ret = 1;
+
+    p->n = 0;
+    p->ext = p->local;
     while (pos < len) {
         struct qs_mapping m;
-        int ret = qs_map(img, guest_off + pos, len - pos, &m);
+        ret = qs_map(img, guest_off + pos, len - pos, &m);
         if (ret < 0) {
-            return ret;
+            break;
         }
         if (!m.copied) {
-            return 0;
+            ret = 0;
+            break;
         }
         if (qs_overlaps_metadata(img, m.host_off, m.len)) {
-            return QS_CORRUPT(img,
-                              "%s: data cluster at host offset 0x%" PRIx64
-                              " overlaps metadata; refusing to write",
-                              img->filename, m.host_off);
+            ret = QS_CORRUPT(img,
+                             "%s: data cluster at host offset 0x%" PRIx64
+                             " overlaps metadata; refusing to write",
+                             img->filename, m.host_off);
+            break;
         }
+        if (p->n == cap) {
+            struct qs_extent *bigger = malloc(sizeof(*bigger) * cap * 2);
+            if (!bigger) {
+                ret = -ENOMEM;
+                break;
+            }
+            memcpy(bigger, p->ext, sizeof(*bigger) * cap);
+            if (p->ext != p->local) {
+                free(p->ext);
+            }
+            p->ext = bigger;
+            cap *= 2;
+        }
+        p->ext[p->n++] = (struct qs_extent){m.host_off, pos, m.len};
+        pos += m.len;
+        ret = 1;
+    }
+    if (ret <= 0) {
+        if (p->ext != p->local) {
+            free(p->ext);
+        }
+        return ret;
+    }
+    pthread_mutex_lock(&img->job_mtx);
+    img->inplace_inflight++;
+    pthread_mutex_unlock(&img->job_mtx);
+    return 1;
+}
+
+int qs_inplace_data(struct qsnap_image *img, const struct qs_inplace_plan *p,
+                    const struct iovec *iov, int n)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        const struct qs_extent *e = &p->ext[i];
         struct iov_slice s;
-        ret = slice_iov(iov, n, pos, m.len, &s);
-        if (ret < 0) {
-            return ret;
+        int ret = slice_iov(iov, n, e->pos, e->len, &s);
+        if (ret == 0) {
+            /* Inside the file: img->file_size needs no update. */
+            ret = qs_io_pwritev(img->io, s.v, s.n, e->host_off);
+            slice_free(&s);
         }
-        ret = qs_host_writev(img, s.v, s.n, m.host_off);
-        slice_free(&s);
         if (ret < 0) {
             return qs_error(img, ret,
                             "%s: writing at host offset 0x%" PRIx64 ": %s",
-                            img->filename, m.host_off, qsnap_strerror(ret));
+                            img->filename, e->host_off, qsnap_strerror(ret));
         }
-        pos += m.len;
     }
-    return 1;
+    return 0;
+}
+
+void qs_inplace_end(struct qsnap_image *img, struct qs_inplace_plan *p)
+{
+    pthread_mutex_lock(&img->job_mtx);
+    if (--img->inplace_inflight == 0) {
+        pthread_cond_broadcast(&img->job_cond);
+    }
+    pthread_mutex_unlock(&img->job_mtx);
+    if (p->ext != p->local) {
+        free(p->ext);
+    }
+}
+
+/*
+ * An allocating write of guest clusters that all need new space, in three
+ * steps, so that the data can reach the disk without the image lock (see
+ * qs_write_begin):
+ *   run_prepare (exclusive lock) allocates a contiguous host run, possibly
+ *               shorter than asked, and reads the old content at the edges
+ *               of the request;
+ *   run_write   (no lock needed) writes the whole run with one call: the
+ *               space is allocated but nothing points at it yet;
+ *   run_commit  (exclusive lock) points the entries at it and releases
+ *               what they pointed at.
+ * The refcounts raised in step 1 reach the disk before the L2 table
+ * changed in step 3 (cache ordering), so a crash in between leaks at worst.
+ */
+static int run_prepare(struct qsnap_image *img, const void *l2,
+                       uint64_t l2_idx, uint64_t k, uint64_t cl_guest_off,
+                       const struct iovec *iov, int n, uint64_t req_off,
+                       uint64_t req_len, struct qs_alloc_run *r)
+{
+    const uint64_t cs = img->cluster_size;
+    const uint64_t first_e = qs_l2_entry_get(img, l2, l2_idx, NULL);
+
+    memset(r, 0, sizeof(*r));
+    r->l2_idx = l2_idx;
+    r->guest_off = cl_guest_off;
+    /* A preallocated zero cluster we own is rewritten where it is. */
+    if (qs_l2_entry_type(img, first_e) == QS_C_ZERO_ALLOC &&
+        (first_e & QS_OFLAG_COPIED)) {
+        r->host = first_e & QS_L2E_OFFSET_MASK;
+        r->got = 1;
+    } else {
+        int ret = qs_alloc_run(img, k, &r->host, &r->got);
+        if (ret < 0) {
+            return ret;
+        }
+        r->fresh = true;
+    }
+
+    const uint64_t run_start = cl_guest_off;
+    const uint64_t run_end = cl_guest_off + r->got * cs;
+    const uint64_t w_start = QS_MAX(run_start, req_off);
+    const uint64_t w_end = QS_MIN(run_end, req_off + req_len);
+    const uint64_t head = w_start - run_start;
+    const uint64_t tail = run_end - w_end;
+    int ret = 0;
+
+    if (head) {
+        r->head_buf = qs_alloc_buf(cs);
+        ret = r->head_buf ? cluster_content(img, run_start, first_e,
+                                            r->head_buf)
+                          : -ENOMEM;
+    }
+    if (ret == 0 && tail) {
+        const uint64_t last_e =
+            qs_l2_entry_get(img, l2, l2_idx + r->got - 1, NULL);
+        if (r->got == 1 && r->head_buf) {
+            r->tail_buf = r->head_buf; /* same cluster */
+        } else {
+            r->tail_buf = qs_alloc_buf(cs);
+            ret = r->tail_buf
+                      ? cluster_content(img, run_end - cs, last_e, r->tail_buf)
+                      : -ENOMEM;
+        }
+    }
+
+    struct iov_slice sl = {0};
+    if (ret == 0) {
+        ret = slice_iov(iov, n, w_start - req_off, w_end - w_start, &sl);
+    }
+    if (ret == 0) {
+        r->iov = malloc(sizeof(*r->iov) * (size_t)(sl.n + 2));
+        if (!r->iov) {
+            ret = -ENOMEM;
+        } else {
+            if (head) {
+                r->iov[r->iovcnt++] = (struct iovec){r->head_buf, head};
+            }
+            for (int i = 0; i < sl.n; i++) {
+                r->iov[r->iovcnt++] = sl.v[i];
+            }
+            if (tail) {
+                r->iov[r->iovcnt++] =
+                    (struct iovec){r->tail_buf + (cs - tail), tail};
+            }
+        }
+        slice_free(&sl);
+    }
+    return ret;
+}
+
+static int run_write(struct qsnap_image *img, const struct qs_alloc_run *r)
+{
+    /* The allocation already counted the run into img->file_size. */
+    int ret = qs_io_pwritev(img->io, r->iov, r->iovcnt, r->host);
+    if (ret < 0) {
+        return qs_error(img, ret,
+                        "%s: writing %" PRIu64 " bytes at host offset 0x%" PRIx64
+                        ": %s",
+                        img->filename, r->got * img->cluster_size, r->host,
+                        qsnap_strerror(ret));
+    }
+    return 0;
+}
+
+static int run_commit(struct qsnap_image *img, void *l2,
+                      const struct qs_alloc_run *r)
+{
+    const uint64_t cs = img->cluster_size;
+    for (uint64_t j = 0; j < r->got; j++) {
+        const uint64_t old = qs_l2_entry_get(img, l2, r->l2_idx + j, NULL);
+        const uint64_t new_e = (r->host + j * cs) | QS_OFLAG_COPIED;
+        const enum qs_ctype ot = qs_l2_entry_type(img, old);
+        const bool same = (ot == QS_C_NORMAL || ot == QS_C_ZERO_ALLOC) &&
+                          (old & QS_L2E_OFFSET_MASK) == r->host + j * cs;
+        if (!same) {
+            int ret = release_entry(img, old);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        l2_entry_set(img, l2, r->l2_idx + j, new_e);
+    }
+    qs_cache_mark_dirty(img->l2_cache, l2);
+    return 0;
+}
+
+/* Frees a run's buffers and, after a failure, the space it allocated. */
+static void run_end(struct qsnap_image *img, struct qs_alloc_run *r,
+                    bool failed)
+{
+    if (failed && r->fresh && r->got) {
+        /* Nothing points at the run: hand it back (errors leave a leak). */
+        qs_free_deferred(img, r->host, r->got * img->cluster_size);
+    }
+    if (r->tail_buf != r->head_buf) {
+        free(r->tail_buf);
+    }
+    free(r->head_buf);
+    free(r->iov);
+    memset(r, 0, sizeof(*r));
 }
 
 /*
  * Writes guest clusters [first, first + k) of one L2 table that all need
- * new space: allocates a contiguous run (possibly shorter), merges the
- * request with the old content at the edges, writes it with one call and
- * points the entries at it.  Returns the number of clusters done.
+ * new space, all three steps under the exclusive lock.  Returns the number
+ * of clusters done.
  */
 static int64_t write_alloc_run(struct qsnap_image *img, void *l2,
                                uint64_t l2_idx, uint64_t k,
                                uint64_t cl_guest_off, const struct iovec *iov,
                                int n, uint64_t req_off, uint64_t req_len)
 {
-    const uint64_t cs = img->cluster_size;
-    uint64_t host, got;
-    uint64_t first_e = qs_l2_entry_get(img, l2, l2_idx, NULL);
-
-    /* A preallocated zero cluster we own is rewritten where it is. */
-    if (qs_l2_entry_type(img, first_e) == QS_C_ZERO_ALLOC &&
-        (first_e & QS_OFLAG_COPIED)) {
-        host = first_e & QS_L2E_OFFSET_MASK;
-        got = 1;
-    } else {
-        int ret = qs_alloc_run(img, k, &host, &got);
-        if (ret < 0) {
-            return ret;
-        }
-    }
-
-    const uint64_t run_start = cl_guest_off;
-    const uint64_t run_end = cl_guest_off + got * cs;
-    const uint64_t w_start = QS_MAX(run_start, req_off);
-    const uint64_t w_end = QS_MIN(run_end, req_off + req_len);
-    const uint64_t head = w_start - run_start;
-    const uint64_t tail = run_end - w_end;
-    uint8_t *head_buf = NULL, *tail_buf = NULL;
-    int ret = 0;
-
-    if (head) {
-        head_buf = qs_alloc_buf(cs);
-        if (!head_buf) {
-            return -ENOMEM;
-        }
-        ret = cluster_content(img, run_start, first_e, head_buf);
-    }
-    if (ret == 0 && tail) {
-        const uint64_t last_idx = l2_idx + got - 1;
-        const uint64_t last_e = qs_l2_entry_get(img, l2, last_idx, NULL);
-        if (got == 1 && head_buf) {
-            tail_buf = head_buf; /* same cluster */
-        } else {
-            tail_buf = qs_alloc_buf(cs);
-            ret = tail_buf
-                      ? cluster_content(img, run_end - cs, last_e, tail_buf)
-                      : -ENOMEM;
-        }
-    }
-
-    struct iov_slice s = {0};
+    struct qs_alloc_run r;
+    int ret = run_prepare(img, l2, l2_idx, k, cl_guest_off, iov, n, req_off,
+                          req_len, &r);
     if (ret == 0) {
-        ret = slice_iov(iov, n, w_start - req_off, w_end - w_start, &s);
+        ret = run_write(img, &r);
     }
+    /* Once entries may point at the run, a failure must not free it. */
+    const bool pointed = ret == 0;
     if (ret == 0) {
-        struct iovec *all = malloc(sizeof(*all) * (size_t)(s.n + 2));
-        if (!all) {
-            ret = -ENOMEM;
-        } else {
-            int c = 0;
-            if (head) {
-                all[c++] = (struct iovec){head_buf, head};
-            }
-            for (int i = 0; i < s.n; i++) {
-                all[c++] = s.v[i];
-            }
-            if (tail) {
-                all[c++] = (struct iovec){tail_buf + (cs - tail), tail};
-            }
-            ret = qs_host_writev(img, all, c, host);
-            if (ret < 0) {
-                ret = qs_error(img, ret,
-                               "%s: writing %" PRIu64
-                               " bytes at host offset 0x%" PRIx64 ": %s",
-                               img->filename, got * cs, host,
-                               qsnap_strerror(ret));
-            }
-            free(all);
-        }
-        slice_free(&s);
+        ret = run_commit(img, l2, &r);
     }
-    if (tail_buf != head_buf) {
-        free(tail_buf);
-    }
-    free(head_buf);
-    if (ret < 0) {
-        return ret;
-    }
-
-    /* Data is in place; now the entries (written back after refcounts). */
-    for (uint64_t j = 0; j < got; j++) {
-        const uint64_t old = qs_l2_entry_get(img, l2, l2_idx + j, NULL);
-        const uint64_t new_e = (host + j * cs) | QS_OFLAG_COPIED;
-        const enum qs_ctype ot = qs_l2_entry_type(img, old);
-        const bool same = (ot == QS_C_NORMAL || ot == QS_C_ZERO_ALLOC) &&
-                          (old & QS_L2E_OFFSET_MASK) == host + j * cs;
-        if (!same) {
-            ret = release_entry(img, old);
-            if (ret < 0) {
-                return ret;
-            }
-        }
-        l2_entry_set(img, l2, l2_idx + j, new_e);
-    }
-    qs_cache_mark_dirty(img->l2_cache, l2);
-    return (int64_t)got;
+    const int64_t got = (int64_t)r.got;
+    run_end(img, &r, ret < 0 && !pointed);
+    return ret < 0 ? ret : got;
 }
 
 static bool needs_new_cluster(const struct qsnap_image *img, uint64_t l1e,
@@ -1041,6 +1156,186 @@ int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
         pos = QS_MIN(cl_off, guest_off + len) - guest_off;
     }
     return 0;
+}
+
+/* ------------------------------------------------ unlocked allocation */
+
+/*
+ * Allocating writes whose data goes to disk outside the exclusive lock.
+ * qs_write_begin does the first step of every run under the lock and
+ * registers the request in img->jobs; the caller drops the lock, writes
+ * the data with qs_write_job_data, takes the lock again and calls
+ * qs_write_end.  While a job is registered:
+ *   - its guest clusters keep their old entries, so reads see the old
+ *     content, and every other write, zeroing or discard that touches
+ *     them waits for the job (qs_jobs_wait_range);
+ *   - its host clusters are allocated but unreferenced, so nothing else
+ *     reads, moves or frees them;
+ *   - whole-image operations (snapshots, resize, compaction, commit, ...)
+ *     take the lock with qs_lock_exclusive, which first waits for every
+ *     job to end and keeps new ones from starting.
+ */
+
+static bool job_eligible(struct qsnap_image *img, uint64_t guest_off,
+                         uint64_t len)
+{
+    const uint32_t span_bits = img->cluster_bits + img->l2_bits;
+    const uint64_t first = guest_off >> img->cluster_bits;
+    const uint64_t last = (guest_off + len - 1) >> img->cluster_bits;
+    return img->drainers == 0 && len > 0 &&
+           guest_off >> span_bits == (guest_off + len - 1) >> span_bits &&
+           last - first < QS_JOB_MAX_CLUSTERS;
+}
+
+int qs_write_begin(struct qsnap_image *img, const struct iovec *iov, int n,
+                   uint64_t guest_off, uint64_t len, struct qs_write_job *job)
+{
+    const uint64_t cs = img->cluster_size;
+    const uint32_t span_bits = img->cluster_bits + img->l2_bits;
+
+    if (!job_eligible(img, guest_off, len)) {
+        return 0;
+    }
+    memset(job, 0, sizeof(*job));
+    job->l1_idx = guest_off >> span_bits;
+    job->guest_lo = guest_off & ~(cs - 1);
+    job->guest_hi = (guest_off + len + cs - 1) & ~(cs - 1);
+
+    int ret = qs_mark_dirty(img);
+    if (ret < 0) {
+        return ret;
+    }
+    void *l2;
+    ret = l2_prepare(img, job->l1_idx, &l2);
+    if (ret < 0) {
+        return ret;
+    }
+    const uint64_t idx0 = (job->guest_lo >> img->cluster_bits) &
+                          (img->l2_entries - 1);
+    const uint64_t k = (job->guest_hi - job->guest_lo) >> img->cluster_bits;
+    for (uint64_t i = 0; i < k; i++) {
+        const uint64_t e = qs_l2_entry_get(img, l2, idx0 + i, NULL);
+        if (!needs_new_cluster(img, img->l1[job->l1_idx], e) ||
+            (qs_l2_entry_type(img, e) == QS_C_ZERO_ALLOC &&
+             (e & QS_OFLAG_COPIED))) {
+            qs_cache_put(img->l2_cache, l2);
+            return 0; /* the locked path handles mixed requests */
+        }
+    }
+    for (uint64_t done = 0; done < k && ret == 0;) {
+        struct qs_alloc_run *r = &job->runs[job->n_runs];
+        ret = run_prepare(img, l2, idx0 + done, k - done,
+                          job->guest_lo + done * cs, iov, n, guest_off, len,
+                          r);
+        job->n_runs++;
+        done += r->got;
+    }
+    qs_cache_put(img->l2_cache, l2);
+    if (ret < 0) {
+        for (int i = 0; i < job->n_runs; i++) {
+            run_end(img, &job->runs[i], true);
+        }
+        return ret;
+    }
+    job->next = img->jobs;
+    img->jobs = job;
+    return 1;
+}
+
+int qs_write_job_data(struct qsnap_image *img, const struct qs_write_job *job)
+{
+    for (int i = 0; i < job->n_runs; i++) {
+        int ret = run_write(img, &job->runs[i]);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
+static void jobs_changed(struct qsnap_image *img)
+{
+    pthread_mutex_lock(&img->job_mtx);
+    img->job_gen++;
+    pthread_cond_broadcast(&img->job_cond);
+    pthread_mutex_unlock(&img->job_mtx);
+}
+
+int qs_write_end(struct qsnap_image *img, struct qs_write_job *job, int ret)
+{
+    struct qs_write_job **p = &img->jobs;
+    while (*p != job) {
+        p = &(*p)->next;
+    }
+    *p = job->next;
+
+    if (ret == 0 && img->corrupt) {
+        ret = qs_error(img, -EROFS,
+                       "%s: metadata corruption was detected during the "
+                       "write; its data is not linked in",
+                       img->filename);
+    }
+    void *l2 = NULL;
+    if (ret == 0) {
+        /* Still the table qs_write_begin prepared: nothing could share or
+         * replace it while the job was registered. */
+        ret = l2_prepare(img, job->l1_idx, &l2);
+    }
+    bool pointed = false;
+    for (int i = 0; i < job->n_runs && ret == 0; i++) {
+        pointed = true;
+        ret = run_commit(img, l2, &job->runs[i]);
+    }
+    if (l2) {
+        qs_cache_put(img->l2_cache, l2);
+    }
+    for (int i = 0; i < job->n_runs; i++) {
+        run_end(img, &job->runs[i], ret < 0 && !pointed);
+    }
+    jobs_changed(img);
+    return ret;
+}
+
+/* Drops the exclusive lock until the set of jobs changes, then retakes it. */
+static void wait_jobs_changed(struct qsnap_image *img)
+{
+    pthread_mutex_lock(&img->job_mtx);
+    const uint64_t gen = img->job_gen;
+    pthread_rwlock_unlock(&img->lock);
+    while (img->job_gen == gen) {
+        pthread_cond_wait(&img->job_cond, &img->job_mtx);
+    }
+    pthread_mutex_unlock(&img->job_mtx);
+    pthread_rwlock_wrlock(&img->lock);
+}
+
+bool qs_jobs_wait_range(struct qsnap_image *img, uint64_t guest_off,
+                        uint64_t len)
+{
+    const uint64_t cs = img->cluster_size;
+    const uint64_t lo = guest_off & ~(cs - 1);
+    const uint64_t hi = guest_off + len;
+    for (const struct qs_write_job *j = img->jobs; j; j = j->next) {
+        if (j->guest_lo < hi && lo < j->guest_hi) {
+            wait_jobs_changed(img);
+            return true;
+        }
+    }
+    return false;
+}
+
+void qs_lock_exclusive(struct qsnap_image *img)
+{
+    pthread_rwlock_wrlock(&img->lock);
+    if (img->jobs) {
+        img->drainers++;
+        while (img->jobs) {
+            wait_jobs_changed(img);
+        }
+        img->drainers--;
+    }
+    /* In-place writes end without the lock; none can start while held. */
+    qs_inplace_wait_idle(img);
 }
 
 /* ------------------------------------------------------------ zeroing */

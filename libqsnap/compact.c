@@ -555,7 +555,7 @@ QSNAP_API int qsnap_compact(qsnap_image *img, qsnap_progress_fn progress,
     if (!img) {
         return -EINVAL;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = 0;
     if (img->format != QSNAP_FMT_QCOW2 || !img->rw || img->corrupt) {
         ret = qs_error(img, -EROFS,

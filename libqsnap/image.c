@@ -4,8 +4,9 @@
  * Invariants:
  *   1. Every public entry point checks its arguments and the handle's
  *      state (read-only, corrupt) before touching the image.
- *   2. Guest reads and in-place writes run under img->lock shared;
- *      everything else under it exclusively (see qs_int.h).
+ *   2. Guest reads run under img->lock shared; writes drop it while their
+ *      data goes to disk (cluster.c); everything else runs under it
+ *      exclusively (see qs_int.h).
  *   3. qsnap_close() leaves the image clean: metadata synced, freed
  *      clusters' refcounts written, the dirty bit cleared.
  */
@@ -180,6 +181,8 @@ static void image_free(struct qsnap_image *img)
     free(img->pending);
     free(img->filename);
     pthread_rwlock_destroy(&img->lock);
+    pthread_mutex_destroy(&img->job_mtx);
+    pthread_cond_destroy(&img->job_cond);
     pthread_mutex_destroy(&img->meta_mtx);
     pthread_mutex_destroy(&img->err_mtx);
     free(img);
@@ -495,6 +498,8 @@ static int open_internal(const char *path, const struct qsnap_open_opts *o,
         *consumed = true; /* from here the image owns io */
     }
     pthread_rwlock_init(&img->lock, NULL);
+    pthread_mutex_init(&img->job_mtx, NULL);
+    pthread_cond_init(&img->job_cond, NULL);
     pthread_mutex_init(&img->meta_mtx, NULL);
     pthread_mutex_init(&img->err_mtx, NULL);
     img->open_flags = o->flags;
@@ -915,7 +920,7 @@ static int finish_qcow2(const char *path, const struct qsnap_create_opts *o,
     }
     ret = qsnap_resize(img, o->size, 0);
     if (ret == 0 && o->prealloc != QSNAP_PREALLOC_OFF) {
-        pthread_rwlock_wrlock(&img->lock);
+        qs_lock_exclusive(img);
         ret = qs_preallocate(img, o->prealloc);
         pthread_rwlock_unlock(&img->lock);
     }
@@ -1020,6 +1025,36 @@ static int flush_locked(struct qsnap_image *img)
     return ret;
 }
 
+/*
+ * A write that needs new clusters.  Small requests become jobs whose data
+ * goes to disk without the exclusive lock, so allocating writes from many
+ * threads overlap their I/O; the rest is written under the lock.
+ */
+static int write_allocating(struct qsnap_image *img, const struct iovec *iov,
+                            int iovcnt, uint64_t offset, uint64_t len)
+{
+    struct qs_write_job job;
+    int ret;
+
+    pthread_rwlock_wrlock(&img->lock);
+    do {
+        ret = check_writable(img);
+    } while (ret == 0 && qs_jobs_wait_range(img, offset, len));
+    if (ret == 0) {
+        ret = qs_write_begin(img, iov, iovcnt, offset, len, &job);
+    }
+    if (ret == 0) {
+        ret = qs_write(img, iov, iovcnt, offset, len);
+    } else if (ret > 0) {
+        pthread_rwlock_unlock(&img->lock);
+        ret = qs_write_job_data(img, &job);
+        pthread_rwlock_wrlock(&img->lock);
+        ret = qs_write_end(img, &job, ret);
+    }
+    pthread_rwlock_unlock(&img->lock);
+    return ret;
+}
+
 QSNAP_API int qsnap_pwritev(qsnap_image *img, const struct iovec *iov,
                             int iovcnt, uint64_t offset)
 {
@@ -1044,16 +1079,15 @@ QSNAP_API int qsnap_pwritev(qsnap_image *img, const struct iovec *iov,
                             img->filename, offset, qsnap_strerror(ret));
         }
     } else {
+        struct qs_inplace_plan plan;
         pthread_rwlock_rdlock(&img->lock);
-        ret = qs_write_inplace(img, iov, iovcnt, offset, len);
+        ret = qs_inplace_begin(img, offset, len, &plan);
         pthread_rwlock_unlock(&img->lock);
-        if (ret == 0) {
-            pthread_rwlock_wrlock(&img->lock);
-            ret = check_writable(img);
-            if (ret == 0) {
-                ret = qs_write(img, iov, iovcnt, offset, len);
-            }
-            pthread_rwlock_unlock(&img->lock);
+        if (ret > 0) {
+            ret = qs_inplace_data(img, &plan, iov, iovcnt);
+            qs_inplace_end(img, &plan);
+        } else if (ret == 0) {
+            ret = write_allocating(img, iov, iovcnt, offset, len);
         }
         if (ret > 0) {
             ret = 0;
@@ -1099,6 +1133,9 @@ static int zero_common(qsnap_image *img, uint64_t offset, uint64_t len,
         return ret;
     }
     pthread_rwlock_wrlock(&img->lock);
+    while (qs_jobs_wait_range(img, offset, len)) {
+        /* an allocating write owned part of the range: look again */
+    }
     ret = qs_zero(img, offset, len,
                   discard ? QS_ZERO_DISCARD : QS_ZERO_WRITE, may_unmap);
     if (ret == 0 && (img->open_flags & QSNAP_OPEN_WRITETHROUGH)) {
@@ -1172,7 +1209,7 @@ QSNAP_API int qsnap_write_compressed(qsnap_image *img, const void *buf,
         return qs_error(img, (int)clen, "%s: compression failed",
                         img->filename);
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     if (clen == -ENOSPC && len < cs) {
         struct iovec v = {(void *)buf, len};
         ret = qs_write(img, &v, 1, offset, len);
@@ -1305,7 +1342,7 @@ QSNAP_API int qsnap_resize(qsnap_image *img, uint64_t new_size, unsigned flags)
     if (img->format == QSNAP_FMT_QCOW2) {
         new_size = (new_size + 511) & ~(uint64_t)511; /* whole sectors */
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     if (img->format == QSNAP_FMT_RAW) {
         if (new_size < img->virtual_size && !(flags & QSNAP_RESIZE_SHRINK)) {
             ret = qs_error(img, -EINVAL, "%s: shrinking needs the shrink flag",
@@ -1426,7 +1463,7 @@ QSNAP_API int qsnap_check(qsnap_image *img, unsigned flags,
     r.struct_size = sizeof(r);
     int ret = 0;
     if (img->format == QSNAP_FMT_QCOW2) {
-        pthread_rwlock_wrlock(&img->lock);
+        qs_lock_exclusive(img);
         if (img->rw && !img->corrupt) {
             ret = flush_locked(img);
         }

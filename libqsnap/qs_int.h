@@ -6,8 +6,12 @@
  * snapshot/check < image.  Lower modules never call higher ones.
  *
  * Locking (see also include/qsnap.h):
- *   img->lock (rwlock): guest reads and in-place writes hold it shared;
- *       anything that changes metadata holds it exclusive.
+ *   img->lock (rwlock): guest reads hold it shared, in-place writes only
+ *       while they look up their clusters; anything that changes metadata
+ *       holds it exclusive.
+ *       Allocating writes drop it while their data goes to disk; whole-
+ *       image operations take it with qs_lock_exclusive(), which waits for
+ *       those writes to end (cluster.c, "unlocked allocation").
  *   img->meta_mtx: the caches (entry lookup, load, eviction), the error
  *       message.  Always taken after img->lock, never the other way.
  * Functions named qs_* below expect img->lock held exclusively unless they
@@ -89,6 +93,15 @@ struct qsnap_image {
 
     pthread_rwlock_t lock;
     pthread_mutex_t meta_mtx;
+    /* Allocating writes in flight (cluster.c, "unlocked allocation"):
+     * the list and drainers under img->lock, job_gen under job_mtx;
+     * job_cond signals job_gen and inplace_inflight changes. */
+    struct qs_write_job *jobs;
+    unsigned drainers;
+    unsigned inplace_inflight; /* under job_mtx */
+    pthread_mutex_t job_mtx;
+    pthread_cond_t job_cond;
+    uint64_t job_gen;
     pthread_mutex_t err_mtx; /* guards errmsg only */
     char errmsg[1024];
 
@@ -229,12 +242,75 @@ int qs_read(struct qsnap_image *img, const struct iovec *iov, int n,
 int qs_read_l1(struct qsnap_image *img, const uint64_t *l1, uint32_t l1_size,
                const struct iovec *iov, int n, uint64_t guest_off,
                uint64_t len);
-/* Returns 1 if done in place under the shared lock, 0 if the exclusive
- * path is needed (nothing written), or -errno. */
-int qs_write_inplace(struct qsnap_image *img, const struct iovec *iov, int n,
-                     uint64_t guest_off, uint64_t len);
+/* Where an in-place write goes: guest bytes [pos, pos + len) of the
+ * request at host_off. */
+struct qs_extent {
+    uint64_t host_off, pos, len;
+};
+struct qs_inplace_plan {
+    size_t n;
+    struct qs_extent *ext; /* local, or allocated for long requests */
+    struct qs_extent local[8];
+};
+/*
+ * Shared lock held.  Returns 1 if every cluster of the request is owned
+ * (COPIED): then write with qs_inplace_data after dropping the lock and
+ * finish with qs_inplace_end.  0 if the exclusive path is needed (nothing
+ * done), or -errno.
+ */
+int qs_inplace_begin(struct qsnap_image *img, uint64_t guest_off, uint64_t len,
+                     struct qs_inplace_plan *p);
+/* No lock needed. */
+int qs_inplace_data(struct qsnap_image *img, const struct qs_inplace_plan *p,
+                    const struct iovec *iov, int n);
+void qs_inplace_end(struct qsnap_image *img, struct qs_inplace_plan *p);
+/* Exclusive lock held: returns once no in-place write is in flight. */
+void qs_inplace_wait_idle(struct qsnap_image *img);
 int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
              uint64_t guest_off, uint64_t len);
+
+/* One contiguous host run of an allocating write (cluster.c). */
+struct qs_alloc_run {
+    uint64_t l2_idx;    /* first entry in its L2 table */
+    uint64_t guest_off; /* guest offset of the first cluster */
+    uint64_t host;      /* host offset of the run */
+    uint64_t got;       /* clusters */
+    bool fresh;         /* allocated for this write (not rewritten) */
+    uint8_t *head_buf, *tail_buf;
+    struct iovec *iov; /* old head, the request's bytes, old tail */
+    int iovcnt;
+};
+
+#define QS_JOB_MAX_CLUSTERS 16
+
+/* An allocating write whose data is written without the lock. */
+struct qs_write_job {
+    struct qs_write_job *next; /* img->jobs */
+    uint64_t guest_lo, guest_hi; /* the guest clusters it owns */
+    uint64_t l1_idx;
+    int n_runs;
+    struct qs_alloc_run runs[QS_JOB_MAX_CLUSTERS];
+};
+
+/*
+ * Exclusive lock held.  Returns 1 if the request became a job (write its
+ * data with qs_write_job_data without the lock, then call qs_write_end
+ * with the lock), 0 if it must go through qs_write, or -errno.
+ */
+int qs_write_begin(struct qsnap_image *img, const struct iovec *iov, int n,
+                   uint64_t guest_off, uint64_t len, struct qs_write_job *job);
+/* No lock needed. */
+int qs_write_job_data(struct qsnap_image *img, const struct qs_write_job *job);
+/* Exclusive lock held; `ret` is qs_write_job_data's result. */
+int qs_write_end(struct qsnap_image *img, struct qs_write_job *job, int ret);
+/*
+ * Exclusive lock held.  If a job owns part of [guest_off, +len), waits
+ * (dropping the lock) until some job ends and returns true: look again.
+ */
+bool qs_jobs_wait_range(struct qsnap_image *img, uint64_t guest_off,
+                        uint64_t len);
+/* Takes img->lock exclusively once no job is in flight. */
+void qs_lock_exclusive(struct qsnap_image *img);
 enum qs_zero_mode {
     QS_ZERO_WRITE,     /* reads as zeros; keep allocations unless unmap */
     QS_ZERO_DISCARD,   /* reads as zeros; free whole clusters */

@@ -689,6 +689,15 @@ int qs_refcount_trim(struct qsnap_image *img)
     return 0;
 }
 
+void qs_inplace_wait_idle(struct qsnap_image *img)
+{
+    pthread_mutex_lock(&img->job_mtx);
+    while (img->inplace_inflight) {
+        pthread_cond_wait(&img->job_cond, &img->job_mtx);
+    }
+    pthread_mutex_unlock(&img->job_mtx);
+}
+
 int qs_refcount_drain(struct qsnap_image *img)
 {
     const uint64_t cs = img->cluster_size;
@@ -697,6 +706,10 @@ int qs_refcount_drain(struct qsnap_image *img)
     if (!img->n_pending) {
         return 0;
     }
+    /* An in-place write that looked up a cluster before it was freed may
+     * still be on its way to it: let it land before the cluster is reused
+     * or punched. */
+    qs_inplace_wait_idle(img);
     qsort(img->pending, img->n_pending, sizeof(*img->pending), cmp_pending);
     uint64_t punch_start = 0, punch_len = 0;
     bool tail_freed = false;

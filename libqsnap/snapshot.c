@@ -765,7 +765,7 @@ QSNAP_API int qsnap_snapshot_create(qsnap_image *img, const char *name,
     if (opts) {
         memcpy(&o, opts, QS_MIN(opts->struct_size, sizeof(o)));
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = writable(img);
     if (ret == 0) {
         ret = qs_snapshot_create_locked(img, name, &o, 0);
@@ -870,7 +870,7 @@ QSNAP_API int qsnap_snapshot_apply(qsnap_image *img, const char *id_or_name)
     if (!img) {
         return -EINVAL;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = writable(img);
     if (ret == 0 && img->ckpt) {
         ret = qs_error(img, -EBUSY,
@@ -942,7 +942,7 @@ QSNAP_API int qsnap_snapshot_delete(qsnap_image *img, const char *id_or_name)
     if (!img) {
         return -EINVAL;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = writable(img);
     int idx = ret == 0 ? qs_snapshot_lookup(img, id_or_name) : ret;
     ret = idx >= 0 ? snapshot_delete_locked(img, idx) : idx;
@@ -964,7 +964,7 @@ QSNAP_API int qsnap_snapshot_rename(qsnap_image *img, const char *id_or_name,
     if (!img) {
         return -EINVAL;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = writable(img);
     int idx = ret == 0 ? qs_snapshot_lookup(img, id_or_name) : ret;
     if (idx >= 0) {
@@ -1058,7 +1058,7 @@ QSNAP_API int qsnap_snapshot_exclusive_size(qsnap_image *img,
     if (!img || !bytes) {
         return -EINVAL;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int idx = qs_snapshot_lookup(img, id_or_name);
     int ret = idx < 0 ? idx : 0;
     uint64_t *sl1 = NULL;
@@ -1111,7 +1111,7 @@ QSNAP_API int qsnap_view_open(qsnap_image *img, const char *id_or_name,
     if (!v) {
         return -ENOMEM;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int idx = img->format == QSNAP_FMT_QCOW2
                   ? qs_snapshot_lookup(img, id_or_name)
                   : -ENOENT;
@@ -1215,7 +1215,7 @@ QSNAP_API void qsnap_view_close(qsnap_view *view)
         return;
     }
     struct qsnap_image *img = view->img;
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     for (struct qsnap_view **pp = &img->views; *pp; pp = &(*pp)->next) {
         if (*pp == view) {
             *pp = view->next;

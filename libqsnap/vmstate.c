@@ -202,7 +202,7 @@ static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
     if (!len) {
         return 0;
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = img->corrupt ? -EROFS : qs_write(img, &v, 1, ck->base + off, len);
     pthread_rwlock_unlock(&img->lock);
     /* VM state is gigabytes written once, all flushed at the commit: get
@@ -527,7 +527,7 @@ QSNAP_API int qsnap_checkpoint_begin(qsnap_image *img, const char *name,
         return -ENOMEM;
     }
 
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = 0;
     if (img->format != QSNAP_FMT_QCOW2 || !img->rw || img->corrupt) {
         ret = qs_error(img, -EROFS,
@@ -805,7 +805,7 @@ QSNAP_API int qsnap_checkpoint_commit(qsnap_checkpoint *ck)
             ret = finish_container(ck, &size);
         }
     }
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     if (ret == 0) {
         ret = qs_snapshot_create_locked(img, ck->name, &ck->opts, size);
     }
@@ -823,7 +823,7 @@ QSNAP_API int qsnap_checkpoint_abort(qsnap_checkpoint *ck)
         return -EINVAL;
     }
     struct qsnap_image *img = ck->img;
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int ret = img->corrupt ? 0 : qs_vmstate_drop(img);
     ck_detach(ck);
     pthread_rwlock_unlock(&img->lock);
@@ -1082,7 +1082,7 @@ QSNAP_API int qsnap_vmstate_open(qsnap_image *img, const char *id_or_name,
     }
     pthread_mutex_init(&vs->mtx, NULL);
     vs->cached_sec = -1;
-    pthread_rwlock_wrlock(&img->lock);
+    qs_lock_exclusive(img);
     int idx = img->format == QSNAP_FMT_QCOW2
                   ? qs_snapshot_lookup(img, id_or_name)
                   : qs_error(img, -ENOENT,
@@ -1284,7 +1284,7 @@ QSNAP_API void qsnap_vmstate_close(qsnap_vmstate *vs)
     }
     struct qsnap_image *img = vs->view.img;
     if (img) {
-        pthread_rwlock_wrlock(&img->lock);
+        qs_lock_exclusive(img);
         for (struct qsnap_view **pp = &img->views; *pp; pp = &(*pp)->next) {
             if (*pp == &vs->view) {
                 *pp = vs->view.next;

@@ -9,6 +9,7 @@
 #include <check.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -734,6 +735,112 @@ START_TEST(test_alloc_buf_direct)
     qsnap_free_buf(w);
     qsnap_free_buf(r);
     qsnap_free_buf(NULL);
+}
+END_TEST
+
+/*
+ * Allocating writes from many threads into the same clusters: thread t
+ * owns sector t of every cluster, so every cluster is allocated by one of
+ * them while the others wait for it, and then written in place.  Half the
+ * clusters start shared with a snapshot, so their first write copies.
+ */
+#define MT_THREADS 6
+#define MT_CLUSTERS 64
+#define MT_ROUNDS 3
+
+struct mt_arg {
+    unsigned t;
+    int failed;
+};
+
+static uint8_t mt_byte(unsigned t, unsigned c, unsigned round)
+{
+    return (uint8_t)(1 + t * 31 + c * 7 + round * 101);
+}
+
+static void *mt_writer(void *opaque)
+{
+    struct mt_arg *a = opaque;
+    uint8_t buf[512];
+    for (unsigned round = 0; round < MT_ROUNDS; round++) {
+        for (unsigned i = 0; i < MT_CLUSTERS; i++) {
+            /* Each thread walks the clusters in its own order. */
+            const unsigned c = (i * 13 + a->t * 5) % MT_CLUSTERS;
+            memset(buf, mt_byte(a->t, c, round), sizeof(buf));
+            if (qsnap_pwrite(img, buf, sizeof(buf),
+                             (uint64_t)c * ICS + a->t * 512) < 0) {
+                a->failed = 1;
+            }
+        }
+    }
+    return NULL;
+}
+
+START_TEST(test_concurrent_allocating_writes)
+{
+    struct qsnap_create_opts o;
+    opts_mem(&o);
+    char err[512] = "";
+    ck_assert_int_eq(qsnap_create(tpath("mt.qcow2"), &o, err, sizeof(err)),
+                     0);
+    struct qsnap_open_opts oo;
+    qsnap_open_opts_init(&oo);
+    oo.flags = QSNAP_OPEN_RDWR;
+    ck_assert_int_eq(qsnap_open(tpath("mt.qcow2"), &oo, &img, err,
+                                sizeof(err)),
+                     0);
+    uint8_t *c0 = malloc(ICS);
+    ck_assert_ptr_nonnull(c0);
+    memset(c0, 0xee, ICS);
+    for (unsigned c = 0; c < MT_CLUSTERS; c += 2) {
+        ck_assert_int_eq(qsnap_pwrite(img, c0, ICS, (uint64_t)c * ICS), 0);
+    }
+    ck_assert_int_eq(qsnap_snapshot_create(img, "before", NULL), 0);
+
+    pthread_t th[MT_THREADS];
+    struct mt_arg args[MT_THREADS];
+    for (unsigned t = 0; t < MT_THREADS; t++) {
+        args[t] = (struct mt_arg){.t = t};
+        ck_assert_int_eq(pthread_create(&th[t], NULL, mt_writer, &args[t]),
+                         0);
+    }
+    for (unsigned t = 0; t < MT_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        ck_assert_int_eq(args[t].failed, 0);
+    }
+
+    uint8_t *got = malloc(ICS);
+    ck_assert_ptr_nonnull(got);
+    for (unsigned c = 0; c < MT_CLUSTERS; c++) {
+        ck_assert_int_eq(qsnap_pread(img, got, ICS, (uint64_t)c * ICS), 0);
+        for (unsigned t = 0; t < MT_THREADS; t++) {
+            const uint8_t want = mt_byte(t, c, MT_ROUNDS - 1);
+            for (unsigned b = 0; b < 512; b++) {
+                ck_assert_msg(got[t * 512 + b] == want,
+                              "cluster %u sector %u byte %u: %u, want %u", c,
+                              t, b, got[t * 512 + b], want);
+            }
+        }
+        /* The rest of the cluster kept what was there before. */
+        const uint8_t rest = c % 2 == 0 ? 0xee : 0;
+        for (size_t b = MT_THREADS * 512; b < ICS; b++) {
+            ck_assert_msg(got[b] == rest, "cluster %u byte %zu: %u, want %u",
+                          c, b, got[b], rest);
+        }
+    }
+    /* The snapshot still holds the old content. */
+    qsnap_view *v;
+    ck_assert_int_eq(qsnap_view_open(img, "before", &v), 0);
+    for (unsigned c = 0; c < MT_CLUSTERS; c++) {
+        ck_assert_int_eq(qsnap_view_pread(v, got, ICS, (uint64_t)c * ICS), 0);
+        for (size_t b = 0; b < ICS; b++) {
+            ck_assert_uint_eq(got[b], c % 2 == 0 ? 0xee : 0);
+        }
+    }
+    qsnap_view_close(v);
+    assert_clean();
+    free(got);
+    free(c0);
 }
 END_TEST
 
@@ -1523,6 +1630,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_vectors_mem);
     tcase_add_test(tc, test_vectors_file);
     tcase_add_test(tc, test_alloc_buf_direct);
+    tcase_add_test(tc, test_concurrent_allocating_writes);
     tcase_add_test(tc, test_out_of_range);
     tcase_add_test(tc, test_read_only);
     tcase_add_test(tc, test_resize);
