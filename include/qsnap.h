@@ -245,6 +245,15 @@ QSNAP_API int qsnap_discard(qsnap_image *img, uint64_t offset, uint64_t len);
 QSNAP_API int qsnap_write_compressed(qsnap_image *img, const void *buf,
                                      size_t len, uint64_t offset);
 
+/*
+ * Starts the host's writeback of the data written so far and returns
+ * without waiting for it: a hint for a caller streaming large writes that
+ * will flush at the end (the flush then has less left to do).  It may
+ * block while the disk's queue is full, so call it off the latency path.
+ * Returns 0 or -EINVAL.
+ */
+QSNAP_API int qsnap_start_writeback(qsnap_image *img);
+
 /* Makes every completed write durable (metadata in crash-safe order). */
 QSNAP_API int qsnap_flush(qsnap_image *img);
 

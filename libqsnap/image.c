@@ -1106,6 +1106,18 @@ QSNAP_API int qsnap_pwrite(qsnap_image *img, const void *buf, size_t len,
     return qsnap_pwritev(img, &v, 1, offset);
 }
 
+QSNAP_API int qsnap_start_writeback(qsnap_image *img)
+{
+    if (!img) {
+        return -EINVAL;
+    }
+    /* img->io lives as long as the handle; the call is only a hint. */
+    if (!(img->open_flags & QSNAP_OPEN_NOCACHE)) {
+        qs_io_start_writeback(img->io);
+    }
+    return 0;
+}
+
 static int zero_common(qsnap_image *img, uint64_t offset, uint64_t len,
                        bool discard, bool may_unmap)
 {

@@ -1168,6 +1168,28 @@ static void qf_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     free(buf);
 }
 
+/*
+ * A stream of large writes (a file copied into the disk, mkfs, a restore)
+ * starts the image's writeback every 32 MiB, so the disk works while the
+ * stream goes on and the fsync at its end has less left to do.  Called
+ * after the reply: the writer never waits for it.  Small writes are left
+ * to the kernel, as they are often rewritten soon.
+ */
+#define QF_BULK_WRITE (256u << 10)
+#define QF_WRITEBACK_STEP (32u << 20)
+
+static void note_bulk_write(struct qf_fs *fs, size_t len)
+{
+    if (len < QF_BULK_WRITE) {
+        return;
+    }
+    uint64_t n = atomic_fetch_add(&fs->bulk_unsynced, len) + len;
+    if (n >= QF_WRITEBACK_STEP &&
+        atomic_compare_exchange_strong(&fs->bulk_unsynced, &n, 0)) {
+        qsnap_start_writeback(fs->img);
+    }
+}
+
 static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
                      size_t size, off_t off, struct fuse_file_info *fi)
 {
@@ -1198,6 +1220,7 @@ static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
         return;
     }
     fuse_reply_write(req, len);
+    note_bulk_write(fs, len);
 }
 
 static void qf_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,

@@ -167,6 +167,7 @@ struct qf_fs {
     gid_t gid;
     struct timespec start;
     _Atomic uint64_t size; /* the live disk's virtual size */
+    _Atomic uint64_t bulk_unsynced; /* large writes since writeback began */
 
     pthread_mutex_t snap_lock; /* invariant 3 */
     pthread_mutex_t lock;

@@ -692,6 +692,10 @@ START_TEST(test_vectors_file)
     ck_assert_int_eq(qsnap_open(tpath("v.qcow2"), &oo, &img, err, sizeof(err)),
                      0);
     vectors_on(img, DISK, 1500);
+    /* The writeback hint changes nothing a reader can see. */
+    ck_assert_int_eq(qsnap_start_writeback(img), 0);
+    ck_assert_int_eq(qsnap_start_writeback(NULL), -EINVAL);
+    vectors_on(img, DISK, 7);
     assert_clean();
 }
 END_TEST
