@@ -64,9 +64,13 @@
 #define VMS_WRITEBACK_STEP (32u << 20)
 /* Chunks encoded together: the caller's thread and one helper share them. */
 #define VMS_BATCH 16u
-/* zstd level for chunks: a fast one, memory images are large. */
+/*
+ * zstd level for chunks: one of the fast negative levels, as memory images
+ * are large and the save is CPU-bound.  On bench/vmsavebench.c's 2 GiB
+ * image, -2 against 1: 10-15% less CPU, 0.7% more bytes stored.
+ */
 #ifndef VMS_ZSTD_LEVEL
-#define VMS_ZSTD_LEVEL 1
+#define VMS_ZSTD_LEVEL (-2)
 #endif
 
 enum { CHUNK_ZERO = 0, CHUNK_ZSTD = 1, CHUNK_RAW = 2 };
