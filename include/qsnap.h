@@ -67,9 +67,9 @@ QSNAP_API const char *qsnap_strerror(int err);
 
 /*
  * Allocates `len` bytes suited to I/O with an image: aligned for O_DIRECT
- * (QSNAP_OPEN_NOCACHE) and, from 2 MiB up, 2 MiB-aligned and advised to
- * transparent huge pages, so large requests reach the disk in few
- * segments.  Any buffer works with the I/O calls; this one is faster.
+ * (QSNAP_OPEN_NOCACHE) and, from 1 MiB up, rounded up to whole 2 MiB
+ * pieces, 2 MiB-aligned and advised to transparent huge pages, so large
+ * requests reach the disk in few segments.  Any buffer works with the I/O calls; this one is faster.
  * Free it with qsnap_free_buf().  Returns NULL when out of memory.
  */
 QSNAP_API void *qsnap_alloc_buf(size_t len);

@@ -29,26 +29,31 @@
 /* ------------------------------------------------------------ helpers */
 
 /*
- * I/O buffers are page-aligned, which O_DIRECT needs.  From 2 MiB up they
- * are aligned to 2 MiB and offered to transparent huge pages: a request's
- * memory is then physically contiguous and reaches the disk as a few
- * segments instead of one per 4 KiB page, which on a device with a small
- * segment limit (virtio-blk: 254) is the difference between one request
- * and two for every 1 MiB transfer.
+ * I/O buffers are page-aligned, which O_DIRECT needs.  From 1 MiB up they
+ * are rounded up to whole 2 MiB pieces, aligned to 2 MiB and offered to
+ * transparent huge pages: a request's memory is then physically
+ * contiguous and reaches the disk as a few segments instead of one per
+ * 4 KiB page, which on a device with a small segment limit (virtio-blk:
+ * 254) is the difference between one request and two for every 1 MiB
+ * transfer.  At most half of such a buffer is slack.
  */
 #define QS_HUGE_ALIGN (2u << 20)
+#define QS_HUGE_MIN (1u << 20)
 
 void *qs_alloc_buf(size_t len)
 {
-    const size_t align = len >= QS_HUGE_ALIGN ? QS_HUGE_ALIGN : 4096;
+    const bool huge = len >= QS_HUGE_MIN && len <= SIZE_MAX - QS_HUGE_ALIGN;
+    const size_t size =
+        huge ? (len + QS_HUGE_ALIGN - 1) & ~(size_t)(QS_HUGE_ALIGN - 1)
+             : (len ? len : 1);
     void *p = NULL;
-    if (posix_memalign(&p, align, len ? len : 1) != 0) {
+    if (posix_memalign(&p, huge ? QS_HUGE_ALIGN : 4096, size) != 0) {
         return NULL;
     }
 #ifdef MADV_HUGEPAGE
-    if (align == QS_HUGE_ALIGN) {
+    if (huge) {
         /* Advice only: without huge pages the buffer works the same. */
-        madvise(p, len & ~(size_t)(QS_HUGE_ALIGN - 1), MADV_HUGEPAGE);
+        madvise(p, size, MADV_HUGEPAGE);
     }
 #endif
     return p;

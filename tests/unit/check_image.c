@@ -702,9 +702,14 @@ END_TEST
 
 START_TEST(test_alloc_buf_direct)
 {
-    /* Small buffers are page-aligned, large ones 2 MiB-aligned, and both
-     * carry O_DIRECT requests through a NOCACHE handle. */
+    /* Small buffers are page-aligned, from 1 MiB up 2 MiB-aligned, and
+     * both carry O_DIRECT requests through a NOCACHE handle. */
     const size_t big = 4u << 20;
+    uint8_t *mib = qsnap_alloc_buf(1u << 20);
+    ck_assert_ptr_nonnull(mib);
+    ck_assert_uint_eq((uintptr_t)mib % (2u << 20), 0);
+    memset(mib, 1, 1u << 20);
+    qsnap_free_buf(mib);
     uint8_t *small = qsnap_alloc_buf(4096);
     uint8_t *w = qsnap_alloc_buf(big);
     uint8_t *r = qsnap_alloc_buf(big);
