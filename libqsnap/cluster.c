@@ -913,7 +913,6 @@ static int run_prepare(struct qsnap_image *img, const void *l2,
 
     memset(r, 0, sizeof(*r));
     r->l2_idx = l2_idx;
-    r->guest_off = cl_guest_off;
     /* A preallocated zero cluster we own is rewritten where it is. */
     if (qs_l2_entry_type(img, first_e) == QS_C_ZERO_ALLOC &&
         (first_e & QS_OFLAG_COPIED)) {

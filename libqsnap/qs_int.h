@@ -272,7 +272,6 @@ int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
 /* One contiguous host run of an allocating write (cluster.c). */
 struct qs_alloc_run {
     uint64_t l2_idx;    /* first entry in its L2 table */
-    uint64_t guest_off; /* guest offset of the first cluster */
     uint64_t host;      /* host offset of the run */
     uint64_t got;       /* clusters */
     bool fresh;         /* allocated for this write (not rewritten) */

@@ -1111,7 +1111,9 @@ QSNAP_API int qsnap_view_open(qsnap_image *img, const char *id_or_name,
     if (!v) {
         return -ENOMEM;
     }
-    qs_lock_exclusive(img);
+    /* Snapshot tables and the view list only: writes in flight touch
+     * neither, so they need not end first. */
+    pthread_rwlock_wrlock(&img->lock);
     int idx = img->format == QSNAP_FMT_QCOW2
                   ? qs_snapshot_lookup(img, id_or_name)
                   : -ENOENT;
@@ -1215,7 +1217,9 @@ QSNAP_API void qsnap_view_close(qsnap_view *view)
         return;
     }
     struct qsnap_image *img = view->img;
-    qs_lock_exclusive(img);
+    /* Snapshot tables and the view list only: writes in flight touch
+     * neither, so they need not end first. */
+    pthread_rwlock_wrlock(&img->lock);
     for (struct qsnap_view **pp = &img->views; *pp; pp = &(*pp)->next) {
         if (*pp == view) {
             *pp = view->next;

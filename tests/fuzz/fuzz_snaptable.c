@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "fuzz_util.h"
+#include "qs_endian.h"
 
 #define CLUSTER 4096u
 #define DISK_SIZE (1u << 20)
@@ -47,40 +48,6 @@ static char img_path[PATH_MAX];
 static uint8_t *image;   /* the template, then the table */
 static size_t table_off; /* where the table goes: the template's end */
 static size_t refblock;  /* offset of the first refcount block */
-
-static uint16_t be16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-           p[3];
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-    return (uint64_t)be32(p) << 32 | be32(p + 4);
-}
-
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    put16(p, (uint16_t)(v >> 16));
-    put16(p + 2, (uint16_t)v);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    put32(p, (uint32_t)(v >> 32));
-    put32(p + 4, (uint32_t)v);
-}
 
 static void fill(uint8_t *buf, size_t len, unsigned seed)
 {
@@ -151,7 +118,7 @@ static void set_refcount(uint64_t idx, uint16_t v)
         fz_die("cluster %llu is outside the first refcount block",
                (unsigned long long)idx);
     }
-    put16(image + refblock + 2 * idx, v);
+    qs_be16_store(image + refblock + 2 * idx, v);
 }
 
 /* Length of the table entry at p (padded), or 0 if it runs past end. */
@@ -162,7 +129,7 @@ static size_t entry_len(const uint8_t *p, const uint8_t *end)
     if (end - p < 40) {
         return 0;
     }
-    len = 40 + (size_t)be32(p + 36) + be16(p + 12) + be16(p + 14);
+    len = 40 + (size_t)qs_be32_load(p + 36) + qs_be16_load(p + 12) + qs_be16_load(p + 14);
     len = (len + 7) & ~(size_t)7;
     return len <= (size_t)(end - p) ? len : 0;
 }
@@ -176,14 +143,14 @@ static void write_seeds(const uint8_t *table, size_t len, uint32_t nb)
     if (!seed) {
         fz_die("out of memory");
     }
-    put16(seed, (uint16_t)nb);
+    qs_be16_store(seed, (uint16_t)nb);
     memcpy(seed + 2, table, len);
     fz_seed_out("table-all", seed, len + 2);
-    put16(seed, 0);
+    qs_be16_store(seed, 0);
     fz_seed_out("table-none", seed, 2);
     for (uint32_t i = 0; i < nb; i++) {
         const size_t n = entry_len(p, table + len);
-        put16(seed, 1);
+        qs_be16_store(seed, 1);
         memcpy(seed + 2, p, n);
         snprintf(name, sizeof(name), "table-entry-%u", i);
         fz_seed_out(name, seed, n + 2);
@@ -207,17 +174,17 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (fz_slurp(src, &file, &len) < 0) {
         fz_die("read %s", src);
     }
-    if (be32(file + H_CLUSTER_BITS) != 12 ||
-        be32(file + H_REFCOUNT_ORDER) != 4) {
+    if (qs_be32_load(file + H_CLUSTER_BITS) != 12 ||
+        qs_be32_load(file + H_REFCOUNT_ORDER) != 4) {
         fz_die("%s: unexpected cluster or refcount size", src);
     }
-    const uint32_t nb = be32(file + H_NB_SNAP);
-    const uint64_t snap_off = be64(file + H_SNAP_OFF);
-    const uint64_t rt_off = be64(file + H_RT_OFF);
+    const uint32_t nb = qs_be32_load(file + H_NB_SNAP);
+    const uint64_t snap_off = qs_be64_load(file + H_SNAP_OFF);
+    const uint64_t rt_off = qs_be64_load(file + H_RT_OFF);
     if (nb != 3 || snap_off >= len || rt_off >= len) {
         fz_die("%s: unexpected header", src);
     }
-    refblock = (size_t)(be64(file + rt_off) & 0x00fffffffffffe00ull);
+    refblock = (size_t)(qs_be64_load(file + rt_off) & 0x00fffffffffffe00ull);
     if (!refblock || refblock >= len) {
         fz_die("%s: no first refcount block", src);
     }
@@ -295,7 +262,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     const int fds = fz_fd_count();
     struct fz_budget b = {.bytes = READ_BUDGET, .calls = 1u << 12};
-    const uint16_t nb = size >= 2 ? be16(data) : 0;
+    const uint16_t nb = size >= 2 ? qs_be16_load(data) : 0;
     size_t len = size >= 2 ? size - 2 : 0;
     qsnap_image *img;
 
@@ -307,8 +274,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (len > 0) {
         memcpy(image + table_off, data + 2, len);
     }
-    put32(image + H_NB_SNAP, nb);
-    put64(image + H_SNAP_OFF, table_off);
+    qs_be32_store(image + H_NB_SNAP, nb);
+    qs_be64_store(image + H_SNAP_OFF, table_off);
     for (size_t c = 0; c < padded / CLUSTER; c++) {
         set_refcount(table_off / CLUSTER + c, 1);
     }

@@ -34,6 +34,7 @@
 #include <zstd.h>
 
 #include "fuzz_util.h"
+#include "qs_endian.h"
 
 #define CLUSTER 4096u
 #define DISK_SIZE (1u << 20)
@@ -50,30 +51,6 @@ static uint8_t *image; /* the image every input starts from */
 static size_t image_len;
 static uint8_t *fix_buf; /* FIX_MAX_CHUNK bytes: a decoded chunk */
 
-static uint16_t be16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-           p[3];
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-    return (uint64_t)be32(p) << 32 | be32(p + 4);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
 /*
  * Sets the checksum of chunk c (record r) of a section of `size` bytes to
  * that of its decoded bytes, when they can be decoded from buf.
@@ -81,8 +58,8 @@ static void put64(uint8_t *p, uint64_t v)
 static void fix_chunk(const uint8_t *buf, size_t len, uint8_t *r,
                       uint32_t chunk_size, uint64_t size, uint64_t c)
 {
-    const uint64_t off = be64(r);
-    const uint32_t stored = be32(r + 8);
+    const uint64_t off = qs_be64_load(r);
+    const uint32_t stored = qs_be32_load(r + 8);
     uint64_t clen;
 
     if (chunk_size == 0 || c > size / chunk_size) {
@@ -95,7 +72,7 @@ static void fix_chunk(const uint8_t *buf, size_t len, uint8_t *r,
     if (clen > FIX_MAX_CHUNK) {
         return;
     }
-    switch (be32(r + 12)) {
+    switch (qs_be32_load(r + 12)) {
     case 0: /* zero */
         memset(fix_buf, 0, clen);
         break;
@@ -114,16 +91,16 @@ static void fix_chunk(const uint8_t *buf, size_t len, uint8_t *r,
     default:
         return;
     }
-    put64(r + 16, XXH64(fix_buf, (size_t)clen, 0));
+    qs_be64_store(r + 16, XXH64(fix_buf, (size_t)clen, 0));
 }
 
 /* Makes the checksums of the container in buf right (see the top). */
 static void fix_checksums(uint8_t *buf, size_t len)
 {
-    const uint32_t chunk_size = be32(buf + 12);
-    const uint32_t n_sections = be32(buf + 16);
-    const uint64_t dir_off = be64(buf + 24);
-    const uint64_t dir_size = be64(buf + 32);
+    const uint32_t chunk_size = qs_be32_load(buf + 12);
+    const uint32_t n_sections = qs_be32_load(buf + 16);
+    const uint64_t dir_off = qs_be64_load(buf + 24);
+    const uint64_t dir_size = qs_be64_load(buf + 32);
 
     if (dir_off <= len && dir_size <= len - dir_off) {
         uint8_t *dir = buf + dir_off;
@@ -131,9 +108,9 @@ static void fix_checksums(uint8_t *buf, size_t len)
 
         for (uint32_t i = 0; i < n_sections && dir_size - pos >= 32; i++) {
             uint8_t *p = dir + pos;
-            const uint64_t name_pad = ((uint64_t)be16(p) + 7) & ~7ull;
-            const uint64_t size = be64(p + 8);
-            const uint64_t n_chunks = be64(p + 16);
+            const uint64_t name_pad = ((uint64_t)qs_be16_load(p) + 7) & ~7ull;
+            const uint64_t size = qs_be64_load(p + 8);
+            const uint64_t n_chunks = qs_be64_load(p + 16);
             const uint64_t room = dir_size - pos - 32;
 
             if (name_pad > room || n_chunks > (room - name_pad) / 24) {
@@ -143,12 +120,12 @@ static void fix_checksums(uint8_t *buf, size_t len)
             for (uint64_t c = 0; c < n_chunks; c++) {
                 fix_chunk(buf, len, recs + 24 * c, chunk_size, size, c);
             }
-            put64(p + 24, XXH64(recs, (size_t)n_chunks * 24, size));
+            qs_be64_store(p + 24, XXH64(recs, (size_t)n_chunks * 24, size));
             pos += 32 + name_pad + n_chunks * 24;
         }
-        put64(buf + 40, XXH64(dir, (size_t)dir_size, 0));
+        qs_be64_store(buf + 40, XXH64(dir, (size_t)dir_size, 0));
     }
-    put64(buf + 56, XXH64(buf, 56, 0));
+    qs_be64_store(buf + 56, XXH64(buf, 56, 0));
 }
 
 static qsnap_image *open_rw(const char *path)

@@ -133,7 +133,7 @@ done
 for h in $harnesses; do
     "$FUZZ_CC" "${cflags_a[@]}" "${san_a[@]}" -fsanitize=fuzzer \
         -DHAVE_CONFIG_H -I"$top_builddir" -I"$srcdir/include" \
-        "$here/fuzz_$h.c" "$T/obj/fuzz_util.o" "${objs[@]}" \
+        -I"$srcdir/libqsnap" "$here/fuzz_$h.c" "$T/obj/fuzz_util.o" "${objs[@]}" \
         "${deps_libs[@]}" -o "$bin/fuzz_$h" || die "building fuzz_$h"
 done
 note "built: $(for h in $harnesses; do printf '%s ' "$bin/fuzz_$h"; done)"

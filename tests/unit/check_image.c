@@ -98,6 +98,22 @@ static struct qsnap_check_result check_now(void)
     return r;
 }
 
+/* Creates a file image (memory-image options) in the test's directory
+ * and opens it read-write into `img`, with `flags` added. */
+static void file_image(const char *name, unsigned flags)
+{
+    struct qsnap_create_opts o;
+    opts_mem(&o);
+    char err[512] = "";
+    ck_assert_msg(qsnap_create(tpath(name), &o, err, sizeof(err)) == 0, "%s",
+                  err);
+    struct qsnap_open_opts oo;
+    qsnap_open_opts_init(&oo);
+    oo.flags = QSNAP_OPEN_RDWR | flags;
+    ck_assert_msg(qsnap_open(tpath(name), &oo, &img, err, sizeof(err)) == 0,
+                  "%s", err);
+}
+
 static void assert_clean(void)
 {
     const struct qsnap_check_result r = check_now();
@@ -682,15 +698,7 @@ END_TEST
 START_TEST(test_vectors_file)
 {
     /* More iovecs than IOV_MAX, through the POSIX back-end. */
-    struct qsnap_create_opts o;
-    opts_mem(&o);
-    char err[512] = "";
-    ck_assert_int_eq(qsnap_create(tpath("v.qcow2"), &o, err, sizeof(err)), 0);
-    struct qsnap_open_opts oo;
-    qsnap_open_opts_init(&oo);
-    oo.flags = QSNAP_OPEN_RDWR;
-    ck_assert_int_eq(qsnap_open(tpath("v.qcow2"), &oo, &img, err, sizeof(err)),
-                     0);
+    file_image("v.qcow2", 0);
     vectors_on(img, DISK, 1500);
     /* The writeback hint changes nothing a reader can see. */
     ck_assert_int_eq(qsnap_start_writeback(img), 0);
@@ -724,15 +732,7 @@ START_TEST(test_alloc_buf_direct)
     }
     memset(small, 0x5a, 4096);
 
-    struct qsnap_create_opts o;
-    opts_mem(&o);
-    char err[512] = "";
-    ck_assert_int_eq(qsnap_create(tpath("d.qcow2"), &o, err, sizeof(err)), 0);
-    struct qsnap_open_opts oo;
-    qsnap_open_opts_init(&oo);
-    oo.flags = QSNAP_OPEN_RDWR | QSNAP_OPEN_NOCACHE;
-    ck_assert_int_eq(qsnap_open(tpath("d.qcow2"), &oo, &img, err, sizeof(err)),
-                     0);
+    file_image("d.qcow2", QSNAP_OPEN_NOCACHE);
     ck_assert_int_eq(qsnap_pwrite(img, w, big, 0), 0);
     ck_assert_int_eq(qsnap_pwrite(img, small, 4096, big), 0);
     ck_assert_int_eq(qsnap_pread(img, r, big, 0), 0);
@@ -787,17 +787,7 @@ static void *mt_writer(void *opaque)
 
 START_TEST(test_concurrent_allocating_writes)
 {
-    struct qsnap_create_opts o;
-    opts_mem(&o);
-    char err[512] = "";
-    ck_assert_int_eq(qsnap_create(tpath("mt.qcow2"), &o, err, sizeof(err)),
-                     0);
-    struct qsnap_open_opts oo;
-    qsnap_open_opts_init(&oo);
-    oo.flags = QSNAP_OPEN_RDWR;
-    ck_assert_int_eq(qsnap_open(tpath("mt.qcow2"), &oo, &img, err,
-                                sizeof(err)),
-                     0);
+    file_image("mt.qcow2", 0);
     uint8_t *c0 = malloc(ICS);
     ck_assert_ptr_nonnull(c0);
     memset(c0, 0xee, ICS);
