@@ -85,6 +85,7 @@ struct qf_handle {
     struct qf_layer *layer; /* LAYER */
     const char *section;    /* SECTION: owned by snap */
     char *text;             /* TEXT */
+    struct qf_handle *prev, *next; /* fs->handles, under fs->lock */
 };
 
 /* A directory listing, built at opendir. */
@@ -1039,6 +1040,16 @@ static int open_node(struct qf_fs *fs, struct qf_node *n, struct qf_handle *h,
 
 static void handle_free(struct qf_fs *fs, struct qf_handle *h)
 {
+    pthread_mutex_lock(&fs->lock);
+    if (h->prev) {
+        h->prev->next = h->next;
+    } else if (fs->handles == h) {
+        fs->handles = h->next;
+    }
+    if (h->next) {
+        h->next->prev = h->prev;
+    }
+    pthread_mutex_unlock(&fs->lock);
     switch (h->kind) {
     case QF_K_VIEW:
         qf_snap_view_release(fs, h->snap);
@@ -1079,10 +1090,28 @@ static void qf_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         reply_ret(req, ret);
         return;
     }
+    pthread_mutex_lock(&fs->lock);
+    h->next = fs->handles;
+    if (h->next) {
+        h->next->prev = h;
+    }
+    fs->handles = h;
+    pthread_mutex_unlock(&fs->lock);
     fi->fh = (uint64_t)(uintptr_t)h;
     if (fuse_reply_open(req, fi) == -ENOENT) {
         /* The opener went away: no release will come for this handle. */
         handle_free(fs, h);
+    }
+}
+
+/*
+ * Frees the handles still open when the session has ended: a release the
+ * kernel had not sent yet when the file system was unmounted never comes.
+ */
+void qf_release_all(struct qf_fs *fs)
+{
+    while (fs->handles) {
+        handle_free(fs, fs->handles);
     }
 }
 

@@ -269,6 +269,7 @@ handlers:
     fuse_remove_signal_handlers(se);
 destroy:
     fuse_session_destroy(se);
+    qf_release_all(fs);
     fs->se = NULL;
     return ret;
 }

@@ -158,6 +158,8 @@ struct qf_opts {
     uint64_t cache_size; /* the library's metadata cache; 0: default */
 };
 
+struct qf_handle;
+
 struct qf_fs {
     qsnap_image *img;
     struct fuse_session *se;
@@ -168,6 +170,7 @@ struct qf_fs {
     struct timespec start;
     _Atomic uint64_t size; /* the live disk's virtual size */
     _Atomic uint64_t bulk_unsynced; /* large writes since writeback began */
+    struct qf_handle *handles;      /* open files, under lock */
 
     pthread_mutex_t snap_lock; /* invariant 3 */
     pthread_mutex_t lock;
@@ -185,6 +188,9 @@ struct qf_fs {
 
 /* The low-level operations table. */
 extern const struct fuse_lowlevel_ops qf_ops;
+
+/* Frees the open-file handles left when the session has ended. */
+void qf_release_all(struct qf_fs *fs);
 
 /* Logs one line: stderr in the foreground, syslog when daemonised. */
 void qf_log(const struct qf_fs *fs, const char *fmt, ...) QF_PRINTF(2, 3);
