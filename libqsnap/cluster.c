@@ -759,6 +759,22 @@ static int release_entry(struct qsnap_image *img, uint64_t e)
     }
 }
 
+/* Whether guest cluster `guest_cl_off`, mapped by `e`, reads as zeros
+ * without anything being read. */
+static bool reads_as_zeros(const struct qsnap_image *img, uint64_t e,
+                           uint64_t guest_cl_off)
+{
+    switch (qs_l2_entry_type(img, e)) {
+    case QS_C_UNALLOC:
+        return !img->backing || guest_cl_off >= img->backing->virtual_size;
+    case QS_C_ZERO_PLAIN:
+    case QS_C_ZERO_ALLOC:
+        return true;
+    default:
+        return false;
+    }
+}
+
 /* The current content of one guest cluster, for copy-on-write. */
 static int cluster_content(struct qsnap_image *img, uint64_t guest_cl_off,
                            uint64_t e, uint8_t *buf)
@@ -919,7 +935,7 @@ static int run_prepare(struct qsnap_image *img, const void *l2,
         r->host = first_e & QS_L2E_OFFSET_MASK;
         r->got = 1;
     } else {
-        int ret = qs_alloc_run(img, k, &r->host, &r->got);
+        int ret = qs_alloc_run(img, k, &r->host, &r->got, &r->zeroed);
         if (ret < 0) {
             return ret;
         }
@@ -930,10 +946,20 @@ static int run_prepare(struct qsnap_image *img, const void *l2,
     const uint64_t run_end = cl_guest_off + r->got * cs;
     const uint64_t w_start = QS_MAX(run_start, req_off);
     const uint64_t w_end = QS_MIN(run_end, req_off + req_len);
-    const uint64_t head = w_start - run_start;
-    const uint64_t tail = run_end - w_end;
+    uint64_t head = w_start - run_start;
+    uint64_t tail = run_end - w_end;
     int ret = 0;
 
+    /* Zeros need not be written over space that reads as zeros. */
+    if (r->zeroed && head && reads_as_zeros(img, first_e, run_start)) {
+        r->skip = head;
+        head = 0;
+    }
+    if (r->zeroed && tail &&
+        reads_as_zeros(img, qs_l2_entry_get(img, l2, l2_idx + r->got - 1, NULL),
+                       run_end - cs)) {
+        tail = 0;
+    }
     if (head) {
         r->head_buf = qs_alloc_buf(cs);
         ret = r->head_buf ? cluster_content(img, run_start, first_e,
@@ -981,7 +1007,7 @@ static int run_prepare(struct qsnap_image *img, const void *l2,
 static int run_write(struct qsnap_image *img, const struct qs_alloc_run *r)
 {
     /* The allocation already counted the run into img->file_size. */
-    int ret = qs_io_pwritev(img->io, r->iov, r->iovcnt, r->host);
+    int ret = qs_io_pwritev(img->io, r->iov, r->iovcnt, r->host + r->skip);
     if (ret < 0) {
         return qs_error(img, ret,
                         "%s: writing %" PRIu64 " bytes at host offset 0x%" PRIx64
@@ -1621,7 +1647,7 @@ int qs_preallocate(struct qsnap_image *img, int mode)
                 continue;
             }
             uint64_t host, got;
-            ret = qs_alloc_run(img, span_last - c, &host, &got);
+            ret = qs_alloc_run(img, span_last - c, &host, &got, NULL);
             if (ret < 0) {
                 break;
             }

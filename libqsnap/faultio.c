@@ -32,7 +32,7 @@
 
 /* One operation the write cache could still lose. */
 struct pending_op {
-    enum qs_fault_op op; /* WRITE, PUNCH, TRUNCATE or FALLOC */
+    enum qs_fault_op op; /* WRITE, PUNCH, TRUNCATE, FALLOC or RESERVE */
     uint64_t seq;        /* issue order over every wrapper of the plan */
     uint64_t off;        /* TRUNCATE: the new size */
     uint64_t len;
@@ -83,7 +83,7 @@ struct faultio {
 };
 
 static const char *const op_names[QS_FAULT_N_OPS] = {
-    "read", "write", "flush", "punch", "truncate", "falloc",
+    "read", "write", "flush", "punch", "truncate", "falloc", "reserve",
 };
 
 static struct faultio *to_fault(qs_io *io)
@@ -243,6 +243,8 @@ static int pending_redo(struct faultio *f, const struct pending_op *q)
         return qs_io_truncate(f->inner, q->off);
     case QS_FAULT_FALLOC:
         return qs_io_falloc(f->inner, q->off, q->len);
+    case QS_FAULT_RESERVE:
+        return qs_io_reserve(f->inner, q->off, q->len);
     default:
         return -EINVAL;
     }
@@ -444,7 +446,7 @@ static int fault_flush(qs_io *io)
     return ret;
 }
 
-/* Truncate, punch and falloc: gate, record, forward. */
+/* Truncate, punch, falloc and reserve: gate, record, forward. */
 static int fault_modify(qs_io *io, enum qs_fault_op op, uint64_t off,
                         uint64_t len)
 {
@@ -461,6 +463,9 @@ static int fault_modify(qs_io *io, enum qs_fault_op op, uint64_t off,
             break;
         case QS_FAULT_PUNCH:
             ret = qs_io_punch(f->inner, off, len);
+            break;
+        case QS_FAULT_RESERVE:
+            ret = qs_io_reserve(f->inner, off, len);
             break;
         default:
             ret = qs_io_falloc(f->inner, off, len);
@@ -484,6 +489,11 @@ static int fault_punch(qs_io *io, uint64_t off, uint64_t len)
 static int fault_falloc(qs_io *io, uint64_t off, uint64_t len)
 {
     return fault_modify(io, QS_FAULT_FALLOC, off, len);
+}
+
+static int fault_reserve(qs_io *io, uint64_t off, uint64_t len)
+{
+    return fault_modify(io, QS_FAULT_RESERVE, off, len);
 }
 
 static int fault_size(qs_io *io, uint64_t *size)
@@ -558,6 +568,7 @@ static const struct qs_io_ops fault_ops = {
     .truncate = fault_truncate,
     .punch = fault_punch,
     .falloc = fault_falloc,
+    .reserve = fault_reserve,
     .size = fault_size,
     .disk_usage = fault_disk_usage,
     .seek = fault_seek,

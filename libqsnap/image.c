@@ -86,6 +86,12 @@ int qs_host_writev(struct qsnap_image *img, const struct iovec *iov, int n,
     if (ret == 0 && host_off + len > img->file_size) {
         img->file_size = host_off + len;
     }
+    /* Written space past the allocator's cursor (a new refcount table)
+     * leaves the zero window; under the exclusive lock, as any write
+     * there is. */
+    if (host_off + len > img->zero_lo && host_off < img->zero_hi) {
+        img->zero_lo = host_off + len;
+    }
     return ret;
 }
 
@@ -616,10 +622,14 @@ QSNAP_API int qsnap_close(qsnap_image *img)
         return 0;
     }
     if (img->format == QSNAP_FMT_QCOW2 && img->rw && !img->corrupt) {
-        /* Sync, release freed clusters, write their refcounts too. */
+        /* Sync, release freed clusters and the reserved tail, write the
+         * refcounts too. */
         ret = qs_meta_sync(img);
         if (ret == 0) {
             ret = qs_refcount_drain(img);
+        }
+        if (ret == 0) {
+            ret = qs_reserve_release(img);
         }
         if (ret == 0) {
             ret = qs_meta_sync(img);

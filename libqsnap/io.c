@@ -197,6 +197,14 @@ static int posix_falloc(qs_io *io, uint64_t off, uint64_t len)
     return -r;
 }
 
+static int posix_reserve(qs_io *io, uint64_t off, uint64_t len)
+{
+    if (fallocate(to_posix(io)->fd, 0, (off_t)off, (off_t)len) < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
 static int posix_size(qs_io *io, uint64_t *size)
 {
     struct stat st;
@@ -265,6 +273,7 @@ static const struct qs_io_ops posix_ops = {
     .truncate = posix_truncate,
     .punch = posix_punch,
     .falloc = posix_falloc,
+    .reserve = posix_reserve,
     .size = posix_size,
     .disk_usage = posix_disk_usage,
     .seek = posix_seek,

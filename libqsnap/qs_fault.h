@@ -16,11 +16,13 @@
  *     QSNAP_FAULT=OP:N[:ERR]         the Nth OP call (counted over all files
  *                                    from program start) fails once with ERR
  *                                    (EIO, the default, or ENOSPC); OP is
- *                                    write, flush, falloc, punch or truncate
+ *                                    write, flush, falloc, reserve, punch or
+ *                                    truncate
  *     QSNAP_FAULT=powercut:N[:SEED[:PERCENT]]
  *                                    every file runs with a write cache; the
  *                                    Nth modifying call (write, flush, punch,
- *                                    truncate or falloc, over all files)
+ *                                    truncate, falloc or reserve, over all
+ *                                    files)
  *                                    never happens: the power fails first,
  *                                    each cached operation survives with
  *                                    PERCENT% chance (default 50, chosen by
@@ -54,6 +56,7 @@ enum qs_fault_op {
     QS_FAULT_PUNCH,
     QS_FAULT_TRUNCATE,
     QS_FAULT_FALLOC,
+    QS_FAULT_RESERVE, /* space reserved ahead (qs_io_reserve) */
     QS_FAULT_N_OPS
 };
 

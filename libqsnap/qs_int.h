@@ -90,6 +90,15 @@ struct qsnap_image {
     bool corrupt; /* metadata damage seen: no more writes */
     qs_io *io;
     uint64_t file_size; /* host file size as far as we grew it */
+    /* The host file is allocated up to here, past file_size when space
+     * was reserved ahead (refcount.c, "Reserving ahead"); 0: nothing
+     * reserved.  Under the exclusive lock. */
+    uint64_t reserved_end;
+    bool reserve_off; /* the host file cannot reserve: no more tries */
+    /* Reserved host bytes in [zero_lo, zero_hi) read as zeros: nothing
+     * was allocated or written there since (empty when zero_lo >= zero_hi).
+     * Under the exclusive lock. */
+    uint64_t zero_lo, zero_hi;
 
     pthread_rwlock_t lock;
     pthread_mutex_t meta_mtx;
@@ -205,13 +214,16 @@ int qs_refcount_set(struct qsnap_image *img, uint64_t cluster_idx,
                     uint64_t value);
 /* n contiguous clusters with refcount 1. */
 int qs_alloc_clusters(struct qsnap_image *img, uint64_t n, uint64_t *host_off);
-/* Up to max_n contiguous clusters at the first free spot. */
+/* Up to max_n contiguous clusters at the first free spot; *zeroed (if not
+ * NULL) tells whether they are known to read as zeros. */
 int qs_alloc_run(struct qsnap_image *img, uint64_t max_n, uint64_t *host_off,
-                 uint64_t *n_got);
+                 uint64_t *n_got, bool *zeroed);
 /* Byte allocation for compressed data (may share a host cluster). */
 int qs_alloc_bytes(struct qsnap_image *img, uint64_t len, uint64_t *host_off);
 /* Queues a decrement for after the next metadata sync. */
 int qs_free_deferred(struct qsnap_image *img, uint64_t host_off, uint64_t len);
+/* Cuts off space reserved past the image's last cluster. */
+int qs_reserve_release(struct qsnap_image *img);
 /* Applies queued decrements; punches holes, truncates a free tail. */
 int qs_refcount_drain(struct qsnap_image *img);
 uint64_t qs_refcount_covered_clusters(const struct qsnap_image *img);
@@ -275,6 +287,8 @@ struct qs_alloc_run {
     uint64_t host;      /* host offset of the run */
     uint64_t got;       /* clusters */
     bool fresh;         /* allocated for this write (not rewritten) */
+    bool zeroed;        /* fresh space known to read as zeros */
+    uint64_t skip;      /* bytes of the run left unwritten at its start */
     uint8_t *head_buf, *tail_buf;
     struct iovec *iov; /* old head, the request's bytes, old tail */
     int iovcnt;

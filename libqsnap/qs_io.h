@@ -14,6 +14,7 @@
 #ifndef QS_IO_H
 #define QS_IO_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -31,6 +32,9 @@ struct qs_io_ops {
     int (*truncate)(qs_io *io, uint64_t size);
     int (*punch)(qs_io *io, uint64_t off, uint64_t len);
     int (*falloc)(qs_io *io, uint64_t off, uint64_t len);
+    /* Optional: allocate [off, off + len) and extend the file over it if
+     * the file system can do so without writing it (no fallback). */
+    int (*reserve)(qs_io *io, uint64_t off, uint64_t len);
     int (*size)(qs_io *io, uint64_t *size);
     int (*disk_usage)(qs_io *io, uint64_t *bytes);
     /* Next data (or hole) at or after off; *res = size if none. */
@@ -95,6 +99,11 @@ static inline int qs_io_punch(qs_io *io, uint64_t off, uint64_t len)
 static inline int qs_io_falloc(qs_io *io, uint64_t off, uint64_t len)
 {
     return io->ops->falloc(io, off, len);
+}
+
+static inline int qs_io_reserve(qs_io *io, uint64_t off, uint64_t len)
+{
+    return io->ops->reserve ? io->ops->reserve(io, off, len) : -EOPNOTSUPP;
 }
 
 static inline int qs_io_size(qs_io *io, uint64_t *size)

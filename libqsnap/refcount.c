@@ -498,8 +498,77 @@ static int find_free(struct qsnap_image *img, uint64_t n, bool partial,
     return 0;
 }
 
+/*
+ * Reserving ahead.  A write past the end of the host file extends it, and
+ * file systems serialise those: ext4 and XFS take the inode lock
+ * exclusively for an O_DIRECT write that extends the file and finish it
+ * before the next one starts.  So when an allocation grows the image, the
+ * host file is first extended with fallocate() by a margin (a quarter of
+ * the file, 1 to 64 MiB, as QEMU's preallocate filter does with its
+ * defaults of 1 and 128 MiB); the clusters allocated next lie inside the
+ * file and their writes run side by side.  qsnap_close cuts off what is
+ * left of the margin, qs_refcount_trim drops it with the free tail.  A
+ * crash leaves it as zeroed space past the last cluster, which no
+ * refcount covers: free space, not a leak.  Best effort: a host file that
+ * cannot reserve (a block device, a file system without fallocate) is
+ * written as before.
+ */
+#define QS_RESERVE_MIN (UINT64_C(1) << 20)
+#define QS_RESERVE_MAX (UINT64_C(64) << 20)
+
+static void reserve_ahead(struct qsnap_image *img, uint64_t end)
+{
+    if (img->reserve_off || end <= img->reserved_end) {
+        return;
+    }
+    const uint64_t unit = QS_MAX(QS_RESERVE_MIN, img->cluster_size);
+    const uint64_t margin =
+        QS_MIN(QS_MAX(end / 4, QS_RESERVE_MIN), QS_RESERVE_MAX);
+    const uint64_t target = (end + margin + unit - 1) / unit * unit;
+    const uint64_t from = QS_MAX(img->file_size, img->reserved_end);
+
+    if (target > QS_MAX_HOST_OFFSET) {
+        return;
+    }
+    const int ret = qs_io_reserve(img->io, from, target - from);
+    if (ret == -EOPNOTSUPP || ret == -ENOSYS || ret == -EINVAL) {
+        img->reserve_off = true;
+    }
+    if (ret < 0) {
+        return;
+    }
+    img->reserved_end = target;
+    /* Past the file's old end: new, zeroed space. */
+    if (img->zero_lo >= img->zero_hi || img->zero_hi != from) {
+        img->zero_lo = from;
+    }
+    img->zero_hi = target;
+}
+
+/* The host file now ends at `size`. */
+static void host_truncated(struct qsnap_image *img, uint64_t size)
+{
+    img->file_size = size;
+    img->reserved_end = 0;
+    img->zero_hi = QS_MIN(img->zero_hi, size);
+}
+
+int qs_reserve_release(struct qsnap_image *img)
+{
+    if (img->reserved_end <= img->file_size) {
+        return 0;
+    }
+    const int ret = qs_io_truncate(img->io, img->file_size);
+    if (ret < 0) {
+        return qs_error(img, ret, "%s: truncating to %" PRIu64 " bytes: %s",
+                        img->filename, img->file_size, qsnap_strerror(ret));
+    }
+    host_truncated(img, img->file_size);
+    return 0;
+}
+
 static int alloc_common(struct qsnap_image *img, uint64_t n, bool partial,
-                        uint64_t *host_off, uint64_t *n_got)
+                        uint64_t *host_off, uint64_t *n_got, bool *zeroed)
 {
     const uint64_t cs = img->cluster_size;
     bool drained = false;
@@ -560,12 +629,20 @@ static int alloc_common(struct qsnap_image *img, uint64_t n, bool partial,
          * written (an L2 table may wait in the cache), so validation of
          * offsets against the file size accepts it.
          */
-        if ((start + got) * cs > img->file_size) {
-            img->file_size = (start + got) * cs;
+        const uint64_t lo = start * cs, hi = (start + got) * cs;
+        if (hi > img->file_size) {
+            reserve_ahead(img, hi);
+            img->file_size = hi;
         }
-        *host_off = start * cs;
+        /* Handed out: no longer part of the zero window. */
+        const bool in_window = lo >= img->zero_lo && hi <= img->zero_hi;
+        img->zero_lo = QS_MAX(img->zero_lo, hi);
+        *host_off = lo;
         if (n_got) {
             *n_got = got;
+        }
+        if (zeroed) {
+            *zeroed = in_window;
         }
         return 0;
     }
@@ -575,13 +652,13 @@ static int alloc_common(struct qsnap_image *img, uint64_t n, bool partial,
 
 int qs_alloc_clusters(struct qsnap_image *img, uint64_t n, uint64_t *host_off)
 {
-    return alloc_common(img, n, false, host_off, NULL);
+    return alloc_common(img, n, false, host_off, NULL, NULL);
 }
 
 int qs_alloc_run(struct qsnap_image *img, uint64_t max_n, uint64_t *host_off,
-                 uint64_t *n_got)
+                 uint64_t *n_got, bool *zeroed)
 {
-    return alloc_common(img, max_n, true, host_off, n_got);
+    return alloc_common(img, max_n, true, host_off, n_got, zeroed);
 }
 
 int qs_alloc_bytes(struct qsnap_image *img, uint64_t len, uint64_t *host_off)
@@ -685,7 +762,7 @@ int qs_refcount_trim(struct qsnap_image *img)
         return qs_error(img, ret, "%s: truncating to %" PRIu64 " bytes: %s",
                         img->filename, end * cs, qsnap_strerror(ret));
     }
-    img->file_size = end * cs;
+    host_truncated(img, end * cs);
     return 0;
 }
 

@@ -224,17 +224,24 @@ static const struct unit_op_rec *write_of(uint64_t host)
     return found;
 }
 
-START_TEST(test_partial_write_unallocated)
+/*
+ * A write into part of an unallocated cluster.  `reserved`: the image
+ * grows into space reserved ahead, which reads as zeros, so only the new
+ * bytes are written; otherwise one write fills the whole cluster, zeros
+ * around the new bytes.
+ */
+static void partial_unallocated(bool reserved)
 {
+    img->reserve_off = !reserved;
     memio_log_start(mem);
     write_pattern(20 * cs + 3000, 1000, 3);
     const struct qs_mapping m = map_at(20 * cs, cs);
     ck_assert_int_eq(m.type, QS_C_NORMAL);
     ck_assert(m.copied);
-    /* One write of the whole cluster: zeros around the new bytes. */
     const struct unit_op_rec *w = write_of(m.host_off);
-    ck_assert_uint_eq(w->off, m.host_off);
-    ck_assert_uint_eq(w->len, cs);
+    ck_assert_uint_eq(w->off, reserved ? m.host_off + 3000 : m.host_off);
+    ck_assert_uint_eq(w->len, reserved ? 1000 : cs);
+    ck_assert_uint_eq(memio_size(mem) > img->file_size, reserved);
     const uint8_t *raw = memio_data(mem, NULL) + m.host_off;
     ck_assert(unit_all(raw, 3000, 0));
     ck_assert(unit_all(raw + 4000, cs - 4000, 0));
@@ -256,6 +263,17 @@ START_TEST(test_partial_write_unallocated)
     ck_assert(unit_all(memio_data(mem, NULL) + b.host_off + 10, cs - 10, 0));
     expect(31 * cs - 10, 20, 4);
     check_result(0, 0);
+}
+
+START_TEST(test_partial_write_unallocated)
+{
+    partial_unallocated(false);
+}
+END_TEST
+
+START_TEST(test_partial_write_reserved)
+{
+    partial_unallocated(true);
 }
 END_TEST
 
@@ -641,6 +659,7 @@ static Suite *cluster_suite(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, test_mapping_types);
     tcase_add_test(tc, test_partial_write_unallocated);
+    tcase_add_test(tc, test_partial_write_reserved);
     tcase_add_test(tc, test_partial_write_compressed);
     tcase_add_test(tc, test_cow_shared);
     tcase_add_test(tc, test_sync_order);

@@ -747,6 +747,56 @@ START_TEST(test_alloc_buf_direct)
 }
 END_TEST
 
+static uint64_t host_size(const char *name)
+{
+    struct stat st;
+    ck_assert_int_eq(stat(tpath(name), &st), 0);
+    return (uint64_t)st.st_size;
+}
+
+START_TEST(test_reserve_ahead)
+{
+    /* Growing the image reserves host space past its last cluster; small
+     * writes into fresh clusters there leave the zeros around them
+     * unwritten; closing cuts off what is left of the reservation. */
+    file_image("r.qcow2", 0);
+    uint8_t *model = calloc(1, DISK);
+    ck_assert_ptr_nonnull(model);
+    uint8_t buf[1024];
+    for (unsigned c = 0; c < 256; c++) {
+        /* Every third cluster: head, middle or tail of it, or two. */
+        const uint64_t off = (uint64_t)c * 3 * ICS + (c % 5) * 1024 +
+                             (c % 7 == 0 ? ICS - 512 : 0);
+        memset(buf, (int)(c + 1), sizeof(buf));
+        ck_assert_int_eq(qsnap_pwrite(img, buf, sizeof(buf), off), 0);
+        memcpy(model + off, buf, sizeof(buf));
+    }
+    /* Into a cluster between two written ones, and over one whole. */
+    memset(buf, 0x77, sizeof(buf));
+    ck_assert_int_eq(qsnap_pwrite(img, buf, sizeof(buf), 4 * ICS + 100), 0);
+    memcpy(model + 4 * ICS + 100, buf, sizeof(buf));
+    assert_content(model, DISK);
+    const struct qsnap_check_result r = check_now();
+    ck_assert_uint_eq(r.corruptions, 0);
+    ck_assert_uint_eq(r.leaks, 0);
+    ck_assert_uint_gt(host_size("r.qcow2"), r.image_end_offset);
+    ck_assert_uint_eq(host_size("r.qcow2") % (1u << 20), 0);
+
+    ck_assert_int_eq(qsnap_close(img), 0);
+    img = NULL;
+    ck_assert_uint_eq(host_size("r.qcow2"), r.image_end_offset);
+    struct qsnap_open_opts oo;
+    char err[512] = "";
+    qsnap_open_opts_init(&oo);
+    ck_assert_msg(qsnap_open(tpath("r.qcow2"), &oo, &img, err, sizeof(err)) ==
+                      0,
+                  "%s", err);
+    assert_content(model, DISK);
+    assert_clean();
+    free(model);
+}
+END_TEST
+
 /*
  * Allocating writes from many threads into the same clusters: thread t
  * owns sector t of every cluster, so every cluster is allocated by one of
@@ -1380,6 +1430,9 @@ START_TEST(test_disk_full)
     struct qsnap_create_opts o;
     opts_mem(&o);
     mem_image(&o);
+    /* The disk fills at a known size: no space reserved ahead (a failed
+     * reservation is harmless, see fault_ops.sh). */
+    img->reserve_off = true;
     uint8_t *model = calloc(1, DISK);
     ck_assert_ptr_nonnull(model);
     const struct op first = {OP_WRITE, 0, 8 * ICS, 1};
@@ -1629,6 +1682,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_vectors_mem);
     tcase_add_test(tc, test_vectors_file);
     tcase_add_test(tc, test_alloc_buf_direct);
+    tcase_add_test(tc, test_reserve_ahead);
     tcase_add_test(tc, test_concurrent_allocating_writes);
     tcase_add_test(tc, test_out_of_range);
     tcase_add_test(tc, test_read_only);

@@ -24,6 +24,9 @@ static void open_fresh(uint64_t size, int refcount_bits)
     memio_ref(mem); /* outlives the image */
     ck_assert_msg(unit_open(mem, QSNAP_OPEN_RDWR, &img, err, sizeof(err)) == 0,
                   "%s", err);
+    /* Host sizes are exact below: no space reserved ahead of the image's
+     * end (but in test_reserve_ahead). */
+    img->reserve_off = true;
 }
 
 static void reopen(void)
@@ -33,6 +36,7 @@ static void reopen(void)
     memio_ref(mem);
     ck_assert_msg(unit_open(mem, QSNAP_OPEN_RDWR, &img, err, sizeof(err)) == 0,
                   "%s", err);
+    img->reserve_off = true;
 }
 
 static void teardown(void)
@@ -270,10 +274,10 @@ START_TEST(test_alloc_lowest_first)
     ck_assert_int_eq(qs_free_deferred(img, 4 * CS, CS), 0);
     ck_assert_int_eq(qs_refcount_drain(img), 0);
     uint64_t got = 0;
-    ck_assert_int_eq(qs_alloc_run(img, 8, &off, &got), 0);
+    ck_assert_int_eq(qs_alloc_run(img, 8, &off, &got, NULL), 0);
     ck_assert_uint_eq(off, 4 * CS);
     ck_assert_uint_eq(got, 1);
-    ck_assert_int_eq(qs_alloc_run(img, 8, &off, &got), 0);
+    ck_assert_int_eq(qs_alloc_run(img, 8, &off, &got, NULL), 0);
     ck_assert_uint_eq(off, 12 * CS);
     ck_assert_uint_eq(got, 8);
     for (uint64_t c = 12; c < 20; c++) {
@@ -303,6 +307,80 @@ START_TEST(test_drain_punches)
     ck_assert(unit_all(memio_data(mem, NULL) + 6 * CS, CS, 0x5c));
     ck_assert_uint_eq(memio_size(mem), 8 * CS);
     ck_assert_uint_eq(img->file_size, 8 * CS);
+}
+END_TEST
+
+START_TEST(test_reserve_ahead)
+{
+    open_fresh(1 << 20, 16);
+    img->reserve_off = false;
+    const uint64_t mib = 1u << 20;
+    uint64_t off, got;
+    bool zeroed = true;
+
+    /* Growing past the end reserves to a MiB boundary at least 1 MiB on. */
+    ck_assert_int_eq(qs_alloc_run(img, 4, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 4 * CS);
+    ck_assert_uint_eq(got, 4);
+    ck_assert(zeroed); /* past the old end: new space */
+    ck_assert_uint_eq(img->file_size, 8 * CS);
+    ck_assert_uint_eq(img->reserved_end, 2 * mib);
+    ck_assert_uint_eq(memio_size(mem), 2 * mib);
+
+    /* Clusters handed out from the reserved space read as zeros. */
+    ck_assert_int_eq(qs_alloc_run(img, 2, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 8 * CS);
+    ck_assert(zeroed);
+    ck_assert_uint_eq(memio_size(mem), 2 * mib);
+
+    /* A metadata write past the allocator's cursor takes space out of the
+     * window: what lies below its end is no longer known zero. */
+    uint8_t d[CS];
+    memset(d, 0x6b, sizeof(d));
+    ck_assert_int_eq(qs_host_write(img, d, CS, 12 * CS), 0);
+    ck_assert_int_eq(qs_alloc_run(img, 2, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 10 * CS);
+    ck_assert(!zeroed);
+    ck_assert_int_eq(qs_alloc_run(img, 1, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 12 * CS); /* (its refcount was 0) */
+    ck_assert(!zeroed);
+    ck_assert_int_eq(qs_alloc_run(img, 1, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 13 * CS);
+    ck_assert(zeroed);
+
+    /* A reused cluster is not fresh. */
+    ck_assert_int_eq(qs_free_deferred(img, 5 * CS, CS), 0);
+    ck_assert_int_eq(qs_refcount_drain(img), 0);
+    ck_assert_int_eq(qs_alloc_run(img, 1, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 5 * CS);
+    ck_assert(!zeroed);
+
+    /* Freeing the tail truncates the reservation away with it ... */
+    ck_assert_int_eq(qs_free_deferred(img, 8 * CS, 6 * CS), 0);
+    ck_assert_int_eq(qs_refcount_drain(img), 0);
+    ck_assert_uint_eq(memio_size(mem), 8 * CS);
+    ck_assert_uint_eq(img->reserved_end, 0);
+    /* ... and growing again reserves anew, zeroed. */
+    ck_assert_int_eq(qs_alloc_run(img, 3, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 8 * CS);
+    ck_assert(zeroed);
+    ck_assert_uint_eq(memio_size(mem), 2 * mib);
+
+    /* Release (at close) cuts the file back to the image's end. */
+    ck_assert_int_eq(qs_reserve_release(img), 0);
+    ck_assert_uint_eq(memio_size(mem), 11 * CS);
+    ck_assert_uint_eq(img->file_size, 11 * CS);
+    ck_assert_int_eq(qs_reserve_release(img), 0);
+    ck_assert_uint_eq(memio_size(mem), 11 * CS);
+
+    /* A host file that cannot reserve is written as before. */
+    memio_set_max_size(mem, 16 * CS);
+    ck_assert_int_eq(qs_alloc_run(img, 2, &off, &got, &zeroed), 0);
+    ck_assert_uint_eq(off, 11 * CS);
+    ck_assert(!zeroed);
+    ck_assert_uint_eq(img->reserved_end, 0);
+    ck_assert_uint_eq(memio_size(mem), 11 * CS);
+    memio_set_max_size(mem, 0);
 }
 END_TEST
 
@@ -462,6 +540,7 @@ static Suite *refcount_suite(void)
     tcase_add_test(tc, test_alloc_lowest_first);
     tcase_add_test(tc, test_drain_punches);
     tcase_add_test(tc, test_tail_truncated);
+    tcase_add_test(tc, test_reserve_ahead);
     tcase_add_test(tc, test_table_growth);
     suite_add_tcase(s, tc);
     return s;

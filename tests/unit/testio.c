@@ -228,6 +228,7 @@ static const struct qs_io_ops memio_ops = {
     .truncate = mem_truncate,
     .punch = mem_punch,
     .falloc = mem_falloc,
+    .reserve = mem_falloc,
     .size = mem_size,
     .disk_usage = mem_size,
     .seek = mem_seek,
