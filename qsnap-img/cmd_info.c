@@ -25,11 +25,6 @@
 /* Longest backing chain followed by --backing-chain. */
 #define MAX_CHAIN 256
 
-/*
- * Builds the ImageInfo object qemu-img prints for one image.  Members are
- * added in the order of QEMU's schema (which decides ties in the printed
- * order).  Returns NULL on allocation failure.
- */
 /* One image of the chain, as described. */
 struct desc {
     char name[PATH_MAX];
@@ -38,74 +33,6 @@ struct desc {
     uint32_t n_snaps;
     struct qi_json *obj;
 };
-
-/* Adds the SnapshotInfo list qemu-img prints under "snapshots". */
-static void add_snapshots(struct qi_json *obj, const struct desc *d)
-{
-    struct qi_json *arr = qi_json_array(obj, "snapshots");
-    for (uint32_t i = 0; i < d->n_snaps; i++) {
-        if (!qi_snapshot_json(arr, &d->snaps[i])) {
-            return;
-        }
-    }
-}
-
-static struct qi_json *build_info(const struct desc *d)
-{
-    const char *filename = d->name;
-    const struct qsnap_info *info = &d->info;
-    struct qi_json *obj = qi_json_new();
-    char full[PATH_MAX];
-
-    if (!obj) {
-        return NULL;
-    }
-    qi_json_str(obj, "filename", filename);
-    qi_json_str(obj, "format", qi_format_name(info->format));
-    qi_json_bool(obj, "dirty-flag", info->dirty);
-    qi_json_uint(obj, "actual-size", info->disk_size);
-    qi_json_uint(obj, "virtual-size", info->virtual_size);
-    if (info->format == QSNAP_FMT_QCOW2) {
-        qi_json_uint(obj, "cluster-size", info->cluster_size);
-    }
-    if (info->backing_file[0]) {
-        qi_backing_path(filename, info->backing_file, full, sizeof(full));
-        qi_json_str(obj, "backing-filename", info->backing_file);
-        qi_json_str(obj, "full-backing-filename", full);
-        if (info->backing_fmt[0]) {
-            qi_json_str(obj, "backing-filename-format", info->backing_fmt);
-        }
-    }
-    if (d->n_snaps) {
-        add_snapshots(obj, d);
-    }
-    if (info->format == QSNAP_FMT_QCOW2) {
-        struct qi_json *spec = qi_json_obj(obj, "format-specific");
-        if (spec) {
-            qi_json_str(spec, "type", "qcow2");
-            struct qi_json *data = qi_json_obj(spec, "data");
-            if (data) {
-                qi_json_str(data, "compat",
-                            info->version >= 3 ? "1.1" : "0.10");
-                if (info->version >= 3) {
-                    qi_json_bool(data, "extended-l2", info->extended_l2);
-                    qi_json_bool(data, "lazy-refcounts", info->lazy_refcounts);
-                    qi_json_bool(data, "corrupt", info->corrupt);
-                }
-                qi_json_int(data, "refcount-bits", info->refcount_bits);
-                qi_json_str(data, "compression-type",
-                            info->compression_type == QSNAP_COMPRESSION_ZSTD
-                                ? "zstd"
-                                : "zlib");
-            }
-        }
-    }
-    if (qi_json_failed(obj)) {
-        qi_json_free(obj);
-        return NULL;
-    }
-    return obj;
-}
 
 static void print_human(const struct desc *d)
 {
@@ -225,11 +152,9 @@ int qi_cmd_info(int argc, char **argv)
         if (ret < 0) {
             goto out;
         }
-        if (cur->info.format == QSNAP_FMT_RAW) {
-            /* QEMU counts whole sectors: a raw tail rounds up. */
-            cur->info.virtual_size = (cur->info.virtual_size + 511) & ~511ull;
-        }
-        cur->obj = build_info(cur);
+        qi_info_qemu_sizes(&cur->info);
+        cur->obj =
+            qi_info_json(cur->name, &cur->info, cur->snaps, cur->n_snaps);
         if (!cur->obj) {
             qi_error("%s", qsnap_strerror(-ENOMEM));
             goto out;

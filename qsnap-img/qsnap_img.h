@@ -17,6 +17,8 @@
 
 #include <qsnap.h>
 
+#include "info_json.h"
+
 #define QI_PROG "qsnap-img"
 
 /* Buffer size for bulk copies and comparisons (as qemu-img). */
@@ -237,9 +239,6 @@ void qi_create_spec_free(struct qi_create_spec *spec);
 /* "qcow2"/"raw" -> QSNAP_FMT_*, NULL -> AUTO.  -1 if unknown. */
 int qi_format_from_name(const char *name);
 
-/* QSNAP_FMT_* -> "qcow2"/"raw". */
-const char *qi_format_name(int format);
-
 /*
  * Opens FILENAME as FMT_NAME (NULL to probe) with QSNAP_OPEN_* FLAGS,
  * printing qemu-img's "Could not open" message on failure.
@@ -253,13 +252,6 @@ int qi_close(qsnap_image *img, const char *filename);
 
 /* Fills INFO (struct_size set here).  Prints and fails on error. */
 int qi_get_info(qsnap_image *img, struct qsnap_info *info);
-
-/*
- * The path of a backing file as it is opened: BACKING as-is if absolute,
- * else relative to the directory of IMAGE_PATH (qemu's rule).
- */
-void qi_backing_path(const char *image_path, const char *backing, char *buf,
-                     size_t len);
 
 /* True if the two paths name one file (device and inode). */
 bool qi_same_file(const char *a, const char *b);
@@ -420,14 +412,6 @@ void qi_snapshot_clock(const struct qsnap_snapshot_info *sn, char *buf,
 void qi_snapshot_print_header(void);
 void qi_snapshot_print(const struct qsnap_snapshot_info *sn);
 
-/*
- * Appends SN to the array ARR as the SnapshotInfo object of qemu-img
- * info --output=json and returns it (NULL on allocation failure), so
- * that callers may add members.
- */
-struct qi_json *qi_snapshot_json(struct qi_json *arr,
-                                 const struct qsnap_snapshot_info *sn);
-
 /* ------------------------------------------------------------ progress */
 
 /*
@@ -453,47 +437,5 @@ void qi_progress_cb(void *opaque, uint64_t done, uint64_t total);
  */
 void qi_progress_start(bool enabled);
 void qi_progress_done(bool ok);
-
-/* ------------------------------------------------------------ JSON */
-
-/*
- * A small JSON object builder whose printer orders keys the way QEMU's
- * QDict does (by bucket of its hash, newest first within a bucket), so
- * the output matches qemu-img's --output=json.
- */
-struct qi_json;
-
-struct qi_json *qi_json_new(void);
-void qi_json_free(struct qi_json *obj);
-void qi_json_int(struct qi_json *obj, const char *key, int64_t v);
-void qi_json_uint(struct qi_json *obj, const char *key, uint64_t v);
-void qi_json_bool(struct qi_json *obj, const char *key, bool v);
-void qi_json_str(struct qi_json *obj, const char *key, const char *v);
-/* Adds and returns a nested object (owned by OBJ). */
-struct qi_json *qi_json_obj(struct qi_json *obj, const char *key);
-/* Adds and returns an array of objects (owned by OBJ). */
-struct qi_json *qi_json_array(struct qi_json *obj, const char *key);
-/* Appends and returns a new object to an array (NULL-safe). */
-struct qi_json *qi_json_append_obj(struct qi_json *arr);
-/* The nested object KEY of OBJ (NULL if OBJ is NULL or has none). */
-const struct qi_json *qi_json_get_obj(const struct qi_json *obj,
-                                      const char *key);
-/* True if an allocation failed anywhere in the tree. */
-bool qi_json_failed(const struct qi_json *obj);
-
-/* Pretty-prints OBJ as qemu-img does (4-space indent), then a newline. */
-void qi_json_print(FILE *f, const struct qi_json *obj);
-
-/* Pretty-prints a JSON array of N objects, then a newline. */
-void qi_json_print_array(FILE *f, struct qi_json *const *objs, size_t n);
-
-/*
- * Prints OBJ's members as qemu-img's human output does for
- * "Format specific information": "key with spaces: value", indented.
- */
-void qi_json_print_human(FILE *f, const struct qi_json *obj, int indent);
-
-/* Writes S as a JSON string literal (with quotes) to F. */
-void qi_json_print_string(FILE *f, const char *s);
 
 #endif /* QSNAP_IMG_H */
