@@ -528,8 +528,7 @@ static void l1_mark(struct qsnap_image *img, uint32_t idx)
 }
 
 
-/* Writes the incompatible-features field with the dirty bit as `on`. */
-static int write_dirty_bit(struct qsnap_image *img, bool on)
+int qs_dirty_bit_write(struct qsnap_image *img, bool on)
 {
     const uint64_t incompat = on ? img->hdr.incompat | QS_INCOMPAT_DIRTY
                                  : img->hdr.incompat & ~QS_INCOMPAT_DIRTY;
@@ -552,7 +551,7 @@ int qs_mark_dirty(struct qsnap_image *img)
     if (!(img->hdr.compat & QS_COMPAT_LAZY_REFCOUNTS) || img->dirty_marked) {
         return 0;
     }
-    const int ret = write_dirty_bit(img, true);
+    const int ret = qs_dirty_bit_write(img, true);
     if (ret == 0) {
         img->dirty_marked = true;
     }
@@ -579,7 +578,7 @@ int qs_txn_begin(struct qsnap_image *img)
     if (img->hdr.version < 3 || img->txn_dirty) {
         return 0;
     }
-    const int ret = write_dirty_bit(img, true);
+    const int ret = qs_dirty_bit_write(img, true);
     if (ret == 0) {
         img->txn_dirty = true;
     }
@@ -593,7 +592,7 @@ int qs_txn_end(struct qsnap_image *img)
     }
     int ret = qs_meta_sync(img);
     if (ret == 0) {
-        ret = write_dirty_bit(img, false);
+        ret = qs_dirty_bit_write(img, false);
     }
     if (ret == 0) {
         img->txn_dirty = false;

@@ -431,10 +431,7 @@ static int open_qcow2(struct qsnap_image *img, const struct qsnap_open_opts *o,
                 ret = qs_meta_sync(img);
             }
             if (ret == 0) {
-                uint8_t f[8];
-                img->hdr.incompat &= ~QS_INCOMPAT_DIRTY;
-                qs_be64_store(f, img->hdr.incompat);
-                ret = qs_header_write_field(img, QS_HDR_OFF_INCOMPAT, f, 8);
+                ret = qs_dirty_bit_write(img, false);
             }
             if (ret < 0) {
                 qs_fmt_err(err, errlen, "%s", img->errmsg);
@@ -635,13 +632,7 @@ QSNAP_API int qsnap_close(qsnap_image *img)
             ret = qs_meta_sync(img);
         }
         if (ret == 0 && img->dirty_marked) {
-            uint8_t f[8];
-            img->hdr.incompat &= ~QS_INCOMPAT_DIRTY;
-            qs_be64_store(f, img->hdr.incompat);
-            ret = qs_header_write_field(img, QS_HDR_OFF_INCOMPAT, f, 8);
-            if (ret == 0) {
-                ret = qs_io_flush(img->io);
-            }
+            ret = qs_dirty_bit_write(img, false);
         }
     } else if (img->rw) {
         ret = qs_io_flush(img->io);

@@ -336,6 +336,9 @@ int qs_write_compressed(struct qsnap_image *img, const void *cbuf, size_t clen,
 int qs_l1_grow(struct qsnap_image *img, uint32_t min_size);
 int qs_preallocate(struct qsnap_image *img, int mode);
 int qs_meta_sync(struct qsnap_image *img);
+/* Writes the incompatible-features field with the dirty bit set or clear,
+ * and flushes it. */
+int qs_dirty_bit_write(struct qsnap_image *img, bool on);
 int qs_mark_dirty(struct qsnap_image *img);
 /* Brackets a change of refcounts and COPIED flags (see cluster.c). */
 int qs_txn_begin(struct qsnap_image *img);
