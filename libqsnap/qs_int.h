@@ -283,12 +283,12 @@ int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
 
 /* One contiguous host run of an allocating write (cluster.c). */
 struct qs_alloc_run {
-    uint64_t l2_idx;    /* first entry in its L2 table */
-    uint64_t host;      /* host offset of the run */
-    uint64_t got;       /* clusters */
-    bool fresh;         /* allocated for this write (not rewritten) */
-    bool zeroed;        /* fresh space known to read as zeros */
-    uint64_t skip;      /* bytes of the run left unwritten at its start */
+    uint64_t l2_idx; /* first entry in its L2 table */
+    uint64_t host;   /* host offset of the run */
+    uint64_t got;    /* clusters */
+    bool fresh;      /* allocated for this write (not rewritten) */
+    bool zeroed;     /* fresh space known to read as zeros */
+    uint64_t skip;   /* bytes of the run left unwritten at its start */
     uint8_t *head_buf, *tail_buf;
     struct iovec *iov; /* old head, the request's bytes, old tail */
     int iovcnt;

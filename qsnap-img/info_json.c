@@ -501,7 +501,7 @@ static void add_qcow2_specific(struct qi_json *obj,
     qi_json_int(data, "refcount-bits", info->refcount_bits);
     qi_json_str(data, "compression-type",
                 info->compression_type == QSNAP_COMPRESSION_ZSTD ? "zstd"
-                                                                  : "zlib");
+                                                                 : "zlib");
 }
 
 /* Members are added in the order of QEMU's schema, which decides ties in

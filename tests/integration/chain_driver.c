@@ -39,89 +39,16 @@
 
 #include <qsnap.h>
 
+#include "driver_util.h"
+
 #define PROG "chain-driver"
+
+const char drv_prog[] = PROG;
 #define MAX_WRITES 64
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                      */
 /* ------------------------------------------------------------------ */
-
-static void msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void msg(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-/* Parses "123", "0x1f", "64k", "2M", "1G" (binary multiples). */
-static bool parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    unsigned long long v;
-    unsigned shift = 0;
-
-    errno = 0;
-    v = strtoull(s, &end, 0);
-    if (errno || end == s || s[0] == '-') {
-        return false;
-    }
-    switch (*end) {
-    case '\0':
-        break;
-    case 'k':
-    case 'K':
-        shift = 10;
-        end++;
-        break;
-    case 'm':
-    case 'M':
-        shift = 20;
-        end++;
-        break;
-    case 'g':
-    case 'G':
-        shift = 30;
-        end++;
-        break;
-    default:
-        return false;
-    }
-    if (*end != '\0' || (shift && v > (UINT64_MAX >> shift))) {
-        return false;
-    }
-    *out = (uint64_t)v << shift;
-    return true;
-}
-
-static uint64_t need_u64(const char *what, const char *s)
-{
-    uint64_t v;
-
-    if (!parse_u64(s, &v)) {
-        msg("invalid %s '%s'", what, s);
-        exit(2);
-    }
-    return v;
-}
-
-static int parse_format(const char *s)
-{
-    if (strcmp(s, "auto") == 0) {
-        return QSNAP_FMT_AUTO;
-    } else if (strcmp(s, "qcow2") == 0) {
-        return QSNAP_FMT_QCOW2;
-    } else if (strcmp(s, "raw") == 0) {
-        return QSNAP_FMT_RAW;
-    }
-    msg("unknown format '%s' (auto, qcow2, raw)", s);
-    exit(2);
-}
 
 static const char *format_name(int format)
 {
@@ -135,42 +62,11 @@ static const char *format_name(int format)
     }
 }
 
-/* Opens an image (and its chain); reports the library's message. */
-static int open_image(const char *path, unsigned flags, int format,
+/* Opens an image and its chain, with the library's default cache. */
+static int open_chain(const char *path, unsigned flags, int format,
                       qsnap_image **img)
 {
-    struct qsnap_open_opts opts;
-    char err[2048] = "";
-    int rc;
-
-    qsnap_open_opts_init(&opts);
-    opts.flags = flags;
-    opts.format = format;
-    rc = qsnap_open(path, &opts, img, err, sizeof(err));
-    if (rc < 0) {
-        msg("open failed (%s): %s", qsnap_strerror(rc),
-            err[0] ? err : "(the library gave no message)");
-        *img = NULL;
-    }
-    return rc;
-}
-
-static void report(const qsnap_image *img, const char *what, int rc)
-{
-    const char *m = qsnap_errmsg(img);
-
-    msg("%s failed (%s): %s", what, qsnap_strerror(rc),
-        (m && m[0]) ? m : "(the library gave no message)");
-}
-
-static int close_image(qsnap_image *img)
-{
-    const int rc = qsnap_close(img);
-
-    if (rc < 0) {
-        msg("close failed (%s)", qsnap_strerror(rc));
-    }
-    return rc;
+    return open_image(path, flags, format, 0, img);
 }
 
 /* Progress: optional bar on stderr and an optional pause per call. */
@@ -257,7 +153,7 @@ static int cmd_commit(int argc, char **argv)
         msg("commit: expected TOP");
         return 2;
     }
-    if (open_image(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
+    if (open_chain(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
         return 1;
     }
     rc = qsnap_commit(img, base, flags, on_progress, &prog);
@@ -304,7 +200,7 @@ static int cmd_rebase(int argc, char **argv)
         msg("rebase: expected IMAGE BACKING (\"\" for none)");
         return 2;
     }
-    if (open_image(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
+    if (open_chain(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
         return 1;
     }
     rc = qsnap_rebase(img, argv[optind + 1], fmt, flags, on_progress, &prog);
@@ -346,7 +242,7 @@ static int cmd_stream(int argc, char **argv)
         msg("stream: expected IMAGE");
         return 2;
     }
-    if (open_image(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
+    if (open_chain(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
         return 1;
     }
     rc = qsnap_stream(img, base, on_progress, &prog);
@@ -393,7 +289,7 @@ static int cmd_delete(int argc, char **argv)
             flags |= QSNAP_MERGE_COMMIT;
             break;
         case OPT_THROTTLE:
-            prog.throttle_us = need_u64("pause", optarg);
+            prog.throttle_us = need_size("pause", optarg);
             break;
         case 'p':
             prog.show = true;
@@ -430,8 +326,7 @@ static int cmd_delete(int argc, char **argv)
         uint32_t n = 0;
         const char *how = "stream";
 
-        if (open_image(top, QSNAP_OPEN_FORCE_SHARE, QSNAP_FMT_AUTO, &img) <
-            0) {
+        if (open_chain(top, QSNAP_OPEN_FORCE_SHARE, QSNAP_FMT_AUTO, &img) < 0) {
             return 1;
         }
         rc = qsnap_chain_list(img, &list, &n);
@@ -483,9 +378,9 @@ static void parse_write(const char *s, struct pattern_write *w)
     }
     *len++ = '\0';
     *pat++ = '\0';
-    w->off = need_u64("offset", buf);
-    w->len = need_u64("length", len);
-    v = need_u64("pattern", pat);
+    w->off = need_size("offset", buf);
+    w->len = need_size("length", len);
+    v = need_size("pattern", pat);
     if (v > 255) {
         msg("invalid pattern '%s' (one byte)", pat);
         exit(2);
@@ -538,10 +433,10 @@ static int cmd_push(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "c:v:w:W:", longopts, NULL)) != -1) {
         switch (c) {
         case 'c':
-            co.cluster_size = (uint32_t)need_u64("cluster size", optarg);
+            co.cluster_size = (uint32_t)need_size("cluster size", optarg);
             break;
         case 'v':
-            co.version = (int)need_u64("version", optarg);
+            co.version = (int)need_size("version", optarg);
             break;
         case 'w':
             if (n_before == MAX_WRITES) {
@@ -565,7 +460,7 @@ static int cmd_push(int argc, char **argv)
         msg("push: expected IMAGE OVERLAY");
         return 2;
     }
-    if (open_image(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
+    if (open_chain(argv[optind], QSNAP_OPEN_RDWR, QSNAP_FMT_AUTO, &img) < 0) {
         return 1;
     }
     if (do_writes(img, before, n_before) < 0) {
@@ -628,7 +523,7 @@ static int cmd_list(int argc, char **argv)
         msg("list: expected IMAGE");
         return 2;
     }
-    if (open_image(argv[optind], QSNAP_OPEN_FORCE_SHARE, format, &img) < 0) {
+    if (open_chain(argv[optind], QSNAP_OPEN_FORCE_SHARE, format, &img) < 0) {
         return 1;
     }
     rc = qsnap_chain_list(img, &list, &n);
@@ -654,9 +549,9 @@ static int cmd_list(int argc, char **argv)
 
 static int field_args(char **argv, uint64_t *off, unsigned *width)
 {
-    const uint64_t w = need_u64("width", argv[2]);
+    const uint64_t w = need_size("width", argv[2]);
 
-    *off = need_u64("offset", argv[1]);
+    *off = need_size("offset", argv[1]);
     if (w != 1 && w != 2 && w != 4 && w != 8) {
         msg("width must be 1, 2, 4 or 8");
         return -1;
@@ -681,7 +576,7 @@ static int cmd_poke(int argc, char **argv)
     if (field_args(argv + 1, &off, &width) < 0) {
         return 2;
     }
-    v = need_u64("value", argv[4]);
+    v = need_size("value", argv[4]);
     for (unsigned i = 0; i < width; i++) {
         b[i] = (uint8_t)(v >> (8 * (width - 1 - i)));
     }

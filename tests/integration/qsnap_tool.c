@@ -41,92 +41,16 @@
 
 #include <qsnap.h>
 
+#include "driver_util.h"
+
 #define PROG "qsnap-tool"
 #define CHUNK (1024u * 1024u)
+
+const char drv_prog[] = PROG;
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                      */
 /* ------------------------------------------------------------------ */
-
-static void msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void msg(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-static void *xmalloc(size_t len)
-{
-    void *p = malloc(len ? len : 1);
-
-    if (!p) {
-        msg("out of memory (%zu bytes)", len);
-        exit(1);
-    }
-    return p;
-}
-
-/* Parses "123", "0x1f", "64k", "2M", "1G", "64T" (binary multiples). */
-static bool parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    unsigned long long v;
-    unsigned shift = 0;
-
-    errno = 0;
-    v = strtoull(s, &end, 0);
-    if (errno || end == s || s[0] == '-') {
-        return false;
-    }
-    switch (*end) {
-    case '\0':
-        break;
-    case 'k':
-    case 'K':
-        shift = 10;
-        end++;
-        break;
-    case 'm':
-    case 'M':
-        shift = 20;
-        end++;
-        break;
-    case 'g':
-    case 'G':
-        shift = 30;
-        end++;
-        break;
-    case 't':
-    case 'T':
-        shift = 40;
-        end++;
-        break;
-    default:
-        return false;
-    }
-    if (*end != '\0' || (shift && v > (UINT64_MAX >> shift))) {
-        return false;
-    }
-    *out = (uint64_t)v << shift;
-    return true;
-}
-
-static uint64_t need_size(const char *what, const char *s)
-{
-    uint64_t v;
-
-    if (!parse_size(s, &v)) {
-        msg("invalid %s '%s'", what, s);
-        exit(2);
-    }
-    return v;
-}
 
 static uint8_t need_byte(const char *s)
 {
@@ -137,61 +61,6 @@ static uint8_t need_byte(const char *s)
         exit(2);
     }
     return (uint8_t)v;
-}
-
-static int parse_format(const char *s)
-{
-    if (strcmp(s, "auto") == 0) {
-        return QSNAP_FMT_AUTO;
-    } else if (strcmp(s, "qcow2") == 0) {
-        return QSNAP_FMT_QCOW2;
-    } else if (strcmp(s, "raw") == 0) {
-        return QSNAP_FMT_RAW;
-    }
-    msg("unknown format '%s' (auto, qcow2, raw)", s);
-    exit(2);
-}
-
-/*
- * Opens an image and reports a failure with the library's own message
- * (which is expected to name the file; the tool deliberately does not).
- */
-static int open_image(const char *path, unsigned flags, int format,
-                      uint64_t cache_size, qsnap_image **img)
-{
-    struct qsnap_open_opts opts;
-    char err[2048] = "";
-    int rc;
-
-    qsnap_open_opts_init(&opts);
-    opts.flags = flags;
-    opts.format = format;
-    opts.cache_size = cache_size;
-    rc = qsnap_open(path, &opts, img, err, sizeof(err));
-    if (rc < 0) {
-        msg("open failed (%s): %s", qsnap_strerror(rc),
-            err[0] ? err : "(the library gave no message)");
-        *img = NULL;
-    }
-    return rc;
-}
-
-static void report(qsnap_image *img, const char *what, int rc)
-{
-    const char *m = qsnap_errmsg(img);
-
-    msg("%s failed (%s): %s", what, qsnap_strerror(rc),
-        (m && m[0]) ? m : "(the library gave no message)");
-}
-
-static int close_image(qsnap_image *img)
-{
-    int rc = qsnap_close(img);
-
-    if (rc < 0) {
-        msg("close failed (%s)", qsnap_strerror(rc));
-    }
-    return rc;
 }
 
 static int get_info(qsnap_image *img, struct qsnap_info *info)

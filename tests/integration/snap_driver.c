@@ -48,90 +48,17 @@
 
 #include <qsnap.h>
 
+#include "driver_util.h"
+
 #define PROG "snap-driver"
+
+const char drv_prog[] = PROG;
 #define PIECE (1024u * 1024u)
 #define EXIT_NA 3
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                      */
 /* ------------------------------------------------------------------ */
-
-static void msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void msg(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-static void *xmalloc(size_t len)
-{
-    void *p = malloc(len ? len : 1);
-
-    if (!p) {
-        msg("out of memory (%zu bytes)", len);
-        exit(1);
-    }
-    return p;
-}
-
-/* "123", "0x7b", "64k", "2M", "4G" (binary multiples). */
-static bool parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    unsigned long long v;
-    unsigned shift = 0;
-
-    errno = 0;
-    v = strtoull(s, &end, 0);
-    if (errno || end == s || s[0] == '-') {
-        return false;
-    }
-    switch (*end) {
-    case '\0':
-        break;
-    case 'k':
-    case 'K':
-        shift = 10;
-        end++;
-        break;
-    case 'M':
-        shift = 20;
-        end++;
-        break;
-    case 'G':
-        shift = 30;
-        end++;
-        break;
-    case 'T':
-        shift = 40;
-        end++;
-        break;
-    default:
-        return false;
-    }
-    if (*end != '\0' || (shift && v > (UINT64_MAX >> shift))) {
-        return false;
-    }
-    *out = (uint64_t)v << shift;
-    return true;
-}
-
-static uint64_t arg_u64(const char *s, const char *what)
-{
-    uint64_t v;
-
-    if (!parse_u64(s, &v)) {
-        msg("bad %s '%s'", what, s);
-        exit(2);
-    }
-    return v;
-}
 
 static uint64_t be_load(const uint8_t *p, unsigned width)
 {
@@ -274,7 +201,8 @@ static double now_sec(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static qsnap_image *open_image(const char *path, unsigned flags)
+/* Opens a qcow2 image; NULL (with a message naming it) on failure. */
+static qsnap_image *open_qcow2(const char *path, unsigned flags)
 {
     struct qsnap_open_opts opts;
     qsnap_image *img = NULL;
@@ -292,7 +220,7 @@ static qsnap_image *open_image(const char *path, unsigned flags)
     return img;
 }
 
-static int close_image(qsnap_image *img, const char *path)
+static int close_qcow2(qsnap_image *img, const char *path)
 {
     const int ret = qsnap_close(img);
 
@@ -320,9 +248,9 @@ static int cmd_poke(int argc, char **argv)
         msg("usage: poke FILE OFFSET WIDTH VALUE");
         return 2;
     }
-    off = arg_u64(argv[2], "offset");
-    width = arg_u64(argv[3], "width");
-    value = arg_u64(argv[4], "value");
+    off = need_size("offset", argv[2]);
+    width = need_size("width", argv[3]);
+    value = need_size("value", argv[4]);
     if (width != 1 && width != 2 && width != 4 && width != 8) {
         msg("width must be 1, 2, 4 or 8");
         return 2;
@@ -350,8 +278,8 @@ static int cmd_peek(int argc, char **argv)
         msg("usage: peek FILE OFFSET WIDTH");
         return 2;
     }
-    off = arg_u64(argv[2], "offset");
-    width = arg_u64(argv[3], "width");
+    off = need_size("offset", argv[2]);
+    width = need_size("width", argv[3]);
     if (width != 1 && width != 2 && width != 4 && width != 8) {
         msg("width must be 1, 2, 4 or 8");
         return 2;
@@ -380,7 +308,7 @@ static int cmd_flip(int argc, char **argv)
         msg("usage: flip FILE OFFSET");
         return 2;
     }
-    off = arg_u64(argv[2], "offset");
+    off = need_size("offset", argv[2]);
     fd = open(argv[1], O_RDWR);
     if (fd < 0) {
         msg("%s: %s", argv[1], strerror(errno));
@@ -931,7 +859,7 @@ static int cmd_vmpatch(int argc, char **argv)
             goto out;
         }
         if (by_index) {
-            want = arg_u64(argv[5], "chunk index");
+            want = need_size("chunk index", argv[5]);
         }
         for (uint64_t k = 0; k < s->n_chunks; k++) {
             const uint8_t *r = c.dir + s->chunks_off + k * REC_SIZE;
@@ -963,12 +891,12 @@ static int cmd_vmpatch(int argc, char **argv)
         if (!s) {
             goto out;
         }
-        be_store(c.dir + s->rec_off + 8, 8, arg_u64(argv[5], "value"));
+        be_store(c.dir + s->rec_off + 8, 8, need_size("value", argv[5]));
         container_rehash(&c);
     } else if ((strcmp(what, "chunk-off") == 0 ||
                 strcmp(what, "chunk-len") == 0) &&
                argc == 7) {
-        const uint64_t k = arg_u64(argv[5], "chunk index");
+        const uint64_t k = need_size("chunk index", argv[5]);
         uint8_t *r;
         s = find_section(&c, argv[4]);
         if (!s) {
@@ -981,16 +909,16 @@ static int cmd_vmpatch(int argc, char **argv)
         }
         r = c.dir + s->chunks_off + k * REC_SIZE;
         if (what[6] == 'o') {
-            be_store(r, 8, arg_u64(argv[6], "value"));
+            be_store(r, 8, need_size("value", argv[6]));
         } else {
-            be_store(r + 8, 4, arg_u64(argv[6], "value"));
+            be_store(r + 8, 4, need_size("value", argv[6]));
         }
         container_rehash(&c);
     } else if (strcmp(what, "n-sections") == 0 && argc == 5) {
-        be_store(c.sb + 16, 4, arg_u64(argv[4], "value"));
+        be_store(c.sb + 16, 4, need_size("value", argv[4]));
         container_rehash(&c);
     } else if (strcmp(what, "dir-size") == 0 && argc == 5) {
-        be_store(c.sb + 32, 8, arg_u64(argv[4], "value"));
+        be_store(c.sb + 32, 8, need_size("value", argv[4]));
         be_store(c.sb + 56, 8, XXH64(c.sb, 56, 0));
     } else {
         rc = vmpatch_usage();
@@ -1021,7 +949,7 @@ static int cmd_view_dump(int argc, char **argv)
         msg("usage: view-dump IMAGE SNAPSHOT OUT");
         return 2;
     }
-    img = open_image(argv[1], QSNAP_OPEN_FORCE_SHARE);
+    img = open_qcow2(argv[1], QSNAP_OPEN_FORCE_SHARE);
     if (!img) {
         return 1;
     }
@@ -1063,7 +991,7 @@ out:
     if (view) {
         qsnap_view_close(view);
     }
-    if (close_image(img, argv[1])) {
+    if (close_qcow2(img, argv[1])) {
         rc = 1;
     }
     return rc;
@@ -1085,7 +1013,7 @@ static int cmd_section_read(int argc, char **argv)
         msg("usage: section-read IMAGE SNAPSHOT SECTION OUT");
         return 2;
     }
-    img = open_image(argv[1], QSNAP_OPEN_FORCE_SHARE);
+    img = open_qcow2(argv[1], QSNAP_OPEN_FORCE_SHARE);
     if (!img) {
         return 1;
     }
@@ -1139,7 +1067,7 @@ out:
     if (vs) {
         qsnap_vmstate_close(vs);
     }
-    if (close_image(img, argv[1])) {
+    if (close_qcow2(img, argv[1])) {
         rc = 1;
     }
     return rc;
@@ -1245,11 +1173,11 @@ static int cmd_bigstate(int argc, char **argv)
         msg("usage: bigstate IMAGE NAME SIZE SEED SAMPLES");
         return 2;
     }
-    size = arg_u64(argv[3], "size");
-    seed = arg_u64(argv[4], "seed");
-    samples = arg_u64(argv[5], "samples");
+    size = need_size("size", argv[3]);
+    seed = need_size("seed", argv[4]);
+    samples = need_size("samples", argv[5]);
     rng = seed;
-    img = open_image(argv[1], QSNAP_OPEN_RDWR);
+    img = open_qcow2(argv[1], QSNAP_OPEN_RDWR);
     if (!img) {
         return 1;
     }
@@ -1333,7 +1261,7 @@ out:
     if (vs) {
         qsnap_vmstate_close(vs);
     }
-    if (close_image(img, argv[1])) {
+    if (close_qcow2(img, argv[1])) {
         rc = 1;
     }
     return rc;
@@ -1379,7 +1307,7 @@ static int cmd_abort(int argc, char **argv)
         return 2;
     }
     sections = strcmp(argv[4], "sections") == 0;
-    img = open_image(argv[1], QSNAP_OPEN_RDWR);
+    img = open_qcow2(argv[1], QSNAP_OPEN_RDWR);
     if (!img) {
         return 1;
     }
@@ -1390,7 +1318,7 @@ static int cmd_abort(int argc, char **argv)
         rc = ck_fail(img, "checkpoint begin", ret);
         goto out;
     }
-    if (fill_checkpoint(img, ck, sections, arg_u64(argv[3], "bytes"), 42)) {
+    if (fill_checkpoint(img, ck, sections, need_size("bytes", argv[3]), 42)) {
         qsnap_checkpoint_abort(ck);
         goto out;
     }
@@ -1401,7 +1329,7 @@ static int cmd_abort(int argc, char **argv)
     }
     rc = 0;
 out:
-    if (close_image(img, argv[1])) {
+    if (close_qcow2(img, argv[1])) {
         rc = 1;
     }
     return rc;
@@ -1421,7 +1349,7 @@ static int cmd_hold(int argc, char **argv)
         msg("usage: hold IMAGE NAME BYTES");
         return 2;
     }
-    img = open_image(argv[1], QSNAP_OPEN_RDWR);
+    img = open_qcow2(argv[1], QSNAP_OPEN_RDWR);
     if (!img) {
         return 1;
     }
@@ -1432,7 +1360,7 @@ static int cmd_hold(int argc, char **argv)
         qsnap_close(img);
         return 1;
     }
-    if (fill_checkpoint(img, ck, true, arg_u64(argv[3], "bytes"), 43)) {
+    if (fill_checkpoint(img, ck, true, need_size("bytes", argv[3]), 43)) {
         qsnap_checkpoint_abort(ck);
         qsnap_close(img);
         return 1;
@@ -1607,14 +1535,14 @@ static int cmd_race(int argc, char **argv)
         return 2;
     }
     memset(&r, 0, sizeof(r));
-    seconds = arg_u64(argv[2], "seconds");
-    r.base_seed = arg_u64(argv[3], "seed");
+    seconds = need_size("seconds", argv[2]);
+    r.base_seed = need_size("seed", argv[3]);
     r.snapshots = argc == 6;
     atomic_init(&r.failed, false);
     atomic_init(&r.n_reads, 0);
     atomic_init(&r.n_writes, 0);
     atomic_init(&r.n_snaps, 0);
-    r.img = open_image(argv[1], QSNAP_OPEN_RDWR);
+    r.img = open_qcow2(argv[1], QSNAP_OPEN_RDWR);
     if (!r.img) {
         return 1;
     }
@@ -1732,7 +1660,7 @@ out:
         qsnap_view_close(r.view);
     }
     free(r.model);
-    if (close_image(r.img, argv[1])) {
+    if (close_qcow2(r.img, argv[1])) {
         rc = 1;
     }
     return rc;
