@@ -30,9 +30,15 @@ struct ctx {
     qsnap_check_report_fn report;
     void *opaque;
     uint32_t *ref;  /* computed references per cluster, saturating */
+    uint8_t *use;   /* per cluster: USE_META and/or USE_DATA */
     uint64_t n_ref; /* clusters tracked */
     bool count_refcount_structures;
 };
+
+/* What a reference uses a cluster for.  A cluster that is both a table
+ * and guest data is corrupt whatever its refcount: a write to either
+ * overwrites the other. */
+enum { USE_META = 1, USE_DATA = 2 };
 
 static void say(struct ctx *c, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -50,7 +56,7 @@ static void say(struct ctx *c, int level, const char *fmt, ...)
     c->report(c->opaque, level, msg);
 }
 
-static void add_ref(struct ctx *c, uint64_t off, uint64_t len)
+static void add_ref_as(struct ctx *c, uint64_t off, uint64_t len, uint8_t use)
 {
     const uint64_t cs = c->img->cluster_size;
     if (!len) {
@@ -69,7 +75,20 @@ static void add_ref(struct ctx *c, uint64_t off, uint64_t len)
         if (c->ref[i] != UINT32_MAX) {
             c->ref[i]++;
         }
+        c->use[i] |= use;
     }
+}
+
+/* A reference from metadata to metadata (a table, the header). */
+static void add_ref(struct ctx *c, uint64_t off, uint64_t len)
+{
+    add_ref_as(c, off, len, USE_META);
+}
+
+/* A reference from an L2 entry to guest data. */
+static void add_data_ref(struct ctx *c, uint64_t off, uint64_t len)
+{
+    add_ref_as(c, off, len, USE_DATA);
 }
 
 static int walk_l2(struct ctx *c, uint64_t l2_off, bool active,
@@ -96,7 +115,7 @@ static int walk_l2(struct ctx *c, uint64_t l2_off, bool active,
                     e);
                 c->res->corruptions++;
             }
-            add_ref(c, off, len);
+            add_data_ref(c, off, len);
             if (active) {
                 c->res->allocated_clusters++;
                 c->res->compressed_clusters++;
@@ -118,7 +137,7 @@ static int walk_l2(struct ctx *c, uint64_t l2_off, bool active,
             c->res->corruptions++;
             continue;
         }
-        add_ref(c, off, cs);
+        add_data_ref(c, off, cs);
         if (active) {
             c->res->allocated_clusters++;
             if (*next_contig && off != *next_contig) {
@@ -279,6 +298,15 @@ static int count_references(struct ctx *c)
             add_ref(c, off, cs);
         }
     }
+    for (uint64_t i = 0; i < c->n_ref; i++) {
+        if (c->use[i] == (USE_META | USE_DATA)) {
+            say(c, 0,
+                "ERROR cluster %" PRIu64 " (offset 0x%" PRIx64
+                ") is used both by metadata and as guest data",
+                i, i * cs);
+            c->res->corruptions++;
+        }
+    }
     return 0;
 }
 
@@ -290,7 +318,10 @@ static int ctx_init(struct ctx *c, struct qsnap_image *img,
     c->res = res;
     c->n_ref = QS_DIV_ROUND_UP(img->file_size, img->cluster_size) + 1;
     c->ref = calloc(c->n_ref, sizeof(*c->ref));
-    if (!c->ref) {
+    c->use = calloc(c->n_ref, sizeof(*c->use));
+    if (!c->ref || !c->use) {
+        free(c->ref);
+        free(c->use);
         return qs_error(img, -ENOMEM,
                         "%s: out of memory for %" PRIu64 " cluster counters",
                         img->filename, c->n_ref);
@@ -485,6 +516,7 @@ static int check_once(struct qsnap_image *img, unsigned flags,
     res->total_clusters = QS_DIV_ROUND_UP(img->virtual_size, img->cluster_size);
     *need_rebuild = low;
     free(c.ref);
+    free(c.use);
     return ret;
 }
 
@@ -645,5 +677,6 @@ int qs_rebuild_refcounts(struct qsnap_image *img)
     free(table);
 out:
     free(c.ref);
+    free(c.use);
     return ret;
 }
