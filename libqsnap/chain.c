@@ -108,9 +108,12 @@ static int set_backing_name(struct qsnap_image *img, const char *name,
     int ret = qs_meta_sync(img);
     if (ret == 0) {
         ret = qs_header_write(img);
-    }
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
+        if (ret == 0) {
+            ret = qs_io_flush(img->io);
+            if (ret < 0) {
+                ret = qs_switch_failed(img, ret);
+            }
+        }
     }
     if (ret < 0) {
         memcpy(img->hdr.backing_file, old.backing_file,

@@ -644,10 +644,7 @@ int qs_rebuild_refcounts(struct qsnap_image *img)
         uint8_t f[12];
         qs_be64_store(f, t_off);
         qs_be32_store(f + 8, (uint32_t)t_clusters);
-        ret = qs_header_write_field(img, QS_HDR_OFF_REFTABLE, f, 12);
-    }
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
+        ret = qs_header_switch(img, QS_HDR_OFF_REFTABLE, f, 12);
     }
     if (ret == 0) {
         /* Switch the in-memory view to the new structures. */

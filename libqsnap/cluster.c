@@ -534,10 +534,7 @@ int qs_dirty_bit_write(struct qsnap_image *img, bool on)
                                  : img->hdr.incompat & ~QS_INCOMPAT_DIRTY;
     uint8_t field[8];
     qs_be64_store(field, incompat);
-    int ret = qs_header_write_field(img, QS_HDR_OFF_INCOMPAT, field, 8);
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    int ret = qs_header_switch(img, QS_HDR_OFF_INCOMPAT, field, 8);
     if (ret == 0) {
         img->hdr.incompat = incompat;
     }
@@ -652,10 +649,7 @@ int qs_l1_grow(struct qsnap_image *img, uint32_t min_size)
     uint8_t field[12];
     qs_be32_store(field, min_size);
     qs_be64_store(field + 4, new_off);
-    ret = qs_header_write_field(img, QS_HDR_OFF_L1, field, sizeof(field));
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    ret = qs_header_switch(img, QS_HDR_OFF_L1, field, sizeof(field));
     if (ret < 0) {
         goto out;
     }
@@ -1295,9 +1289,8 @@ int qs_write_end(struct qsnap_image *img, struct qs_write_job *job, int ret)
 
     if (ret == 0 && img->corrupt) {
         ret = qs_error(img, -EROFS,
-                       "%s: metadata corruption was detected during the "
-                       "write; its data is not linked in",
-                       img->filename);
+                       "%s: %s during the write; its data is not linked in",
+                       img->filename, qs_stop_reason(img));
     }
     void *l2 = NULL;
     if (ret == 0) {

@@ -423,10 +423,7 @@ static int relocate_tables(struct qsnap_image *img, uint64_t end)
             uint8_t f[12];
             qs_be32_store(f, img->l1_size);
             qs_be64_store(f + 4, noff);
-            ret = qs_header_write_field(img, QS_HDR_OFF_L1, f, 12);
-            if (ret == 0) {
-                ret = qs_io_flush(img->io);
-            }
+            ret = qs_header_switch(img, QS_HDR_OFF_L1, f, 12);
             if (ret == 0) {
                 ret = qs_free_deferred(img, h->l1_table_offset,
                                        QS_DIV_ROUND_UP(bytes, cs) * cs);
@@ -443,10 +440,7 @@ static int relocate_tables(struct qsnap_image *img, uint64_t end)
             uint8_t f[12];
             qs_be64_store(f, noff);
             qs_be32_store(f + 8, h->refcount_table_clusters);
-            ret = qs_header_write_field(img, QS_HDR_OFF_REFTABLE, f, 12);
-            if (ret == 0) {
-                ret = qs_io_flush(img->io);
-            }
+            ret = qs_header_switch(img, QS_HDR_OFF_REFTABLE, f, 12);
             if (ret == 0) {
                 img->hdr.refcount_table_offset = noff;
                 ret = qs_free_deferred(img, old, bytes);

@@ -139,6 +139,35 @@ int qs_header_write_field(struct qsnap_image *img, uint32_t off,
     return 0;
 }
 
+int qs_header_switch(struct qsnap_image *img, uint32_t off, const void *data,
+                     size_t len)
+{
+    int ret = qs_header_write_field(img, off, data, len);
+    if (ret == 0) {
+        ret = qs_io_flush(img->io);
+        if (ret < 0) {
+            ret = qs_switch_failed(img, ret);
+        }
+    }
+    return ret;
+}
+
+int qs_switch_failed(struct qsnap_image *img, int err)
+{
+    img->corrupt = true;
+    img->switch_failed = true;
+    return qs_error(img, err,
+                    "%s: flushing a header update failed (%s); no further "
+                    "writes until the image is reopened",
+                    img->filename, qsnap_strerror(err));
+}
+
+const char *qs_stop_reason(const struct qsnap_image *img)
+{
+    return img->switch_failed ? "a header update could not be flushed"
+                              : "metadata corruption was detected";
+}
+
 static int check_range(struct qsnap_image *img, uint64_t off, uint64_t len)
 {
     if (off > img->virtual_size || len > img->virtual_size - off) {
@@ -157,10 +186,10 @@ static int check_writable(struct qsnap_image *img)
                         img->filename);
     }
     if (img->corrupt) {
-        return qs_error(img, -EROFS,
-                        "%s: metadata corruption was detected; no further "
-                        "writes (run check -r all)",
-                        img->filename);
+        return qs_error(img, -EROFS, "%s: %s; no further writes (%s)",
+                        img->filename, qs_stop_reason(img),
+                        img->switch_failed ? "reopen the image"
+                                           : "run check -r all");
     }
     return 0;
 }
@@ -451,10 +480,7 @@ static int open_qcow2(struct qsnap_image *img, const struct qsnap_open_opts *o,
             /* We maintain none of the autoclear features (spec). */
             uint8_t f[8] = {0};
             img->hdr.autoclear = 0;
-            ret = qs_header_write_field(img, QS_HDR_OFF_AUTOCLEAR, f, 8);
-            if (ret == 0) {
-                ret = qs_io_flush(img->io);
-            }
+            ret = qs_header_switch(img, QS_HDR_OFF_AUTOCLEAR, f, 8);
             if (ret < 0) {
                 qs_fmt_err(err, errlen, "%s", img->errmsg);
                 return ret;
@@ -971,7 +997,8 @@ QSNAP_API int qsnap_get_info(qsnap_image *img, struct qsnap_info *info)
         i.compression_type = h->compression_type;
         i.lazy_refcounts = h->compat & QS_COMPAT_LAZY_REFCOUNTS;
         i.dirty = h->incompat & QS_INCOMPAT_DIRTY;
-        i.corrupt = (h->incompat & QS_INCOMPAT_CORRUPT) || img->corrupt;
+        i.corrupt = (h->incompat & QS_INCOMPAT_CORRUPT) ||
+                    (img->corrupt && !img->switch_failed);
         i.extended_l2 = img->ext_l2;
         i.nb_snapshots = img->n_snapshots;
         snprintf(i.backing_file, sizeof(i.backing_file), "%s", h->backing_file);
@@ -1333,10 +1360,7 @@ static int resize_locked(struct qsnap_image *img, uint64_t new_size,
     }
     uint8_t f[8];
     qs_be64_store(f, new_size);
-    ret = qs_header_write_field(img, QS_HDR_OFF_SIZE, f, 8);
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    ret = qs_header_switch(img, QS_HDR_OFF_SIZE, f, 8);
     if (ret == 0) {
         img->hdr.size = new_size;
         img->virtual_size = new_size;

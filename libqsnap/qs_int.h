@@ -87,7 +87,9 @@ struct qsnap_image {
     unsigned open_flags;
     uint64_t cache_size; /* as opened, for reopening the backing chain */
     bool rw;
-    bool corrupt; /* metadata damage seen: no more writes */
+    bool corrupt; /* metadata damage seen, or switch_failed: no more writes */
+    /* A header switch was written but not flushed (qs_header_switch). */
+    bool switch_failed;
     qs_io *io;
     uint64_t file_size; /* host file size as far as we grew it */
     /* The host file is allocated up to here, past file_size when space
@@ -388,6 +390,19 @@ int qs_vmstate_drop(struct qsnap_image *img);
 int qs_header_write(struct qsnap_image *img);
 int qs_header_write_field(struct qsnap_image *img, uint32_t off,
                           const void *data, size_t len);
+/*
+ * The commit point of a metadata switch: writes header bytes [off, +len)
+ * and flushes them.  On failure before the write, the old state stands.
+ * If the flush fails, the file names the new state but a crash may still
+ * bring the old one back: qs_switch_failed() stops the handle, so that
+ * both stay intact on disk.  Callers keep their old state unless 0.
+ */
+int qs_header_switch(struct qsnap_image *img, uint32_t off, const void *data,
+                     size_t len);
+/* Stops all writes after a failed flush of a header switch; returns err. */
+int qs_switch_failed(struct qsnap_image *img, int err);
+/* Why writes are refused once img->corrupt is set, for messages. */
+const char *qs_stop_reason(const struct qsnap_image *img);
 
 /* ---------------------------------------------------------------- image */
 /*

@@ -235,10 +235,7 @@ static int grow_reftable(struct qsnap_image *img, uint64_t min_entries)
     uint8_t field[12];
     qs_be64_store(field, t_off);
     qs_be32_store(field + 8, (uint32_t)t_clusters);
-    ret = qs_header_write_field(img, QS_HDR_OFF_REFTABLE, field, sizeof(field));
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    ret = qs_header_switch(img, QS_HDR_OFF_REFTABLE, field, sizeof(field));
     if (ret < 0) {
         goto out;
     }

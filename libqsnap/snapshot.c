@@ -233,7 +233,8 @@ static int writable(struct qsnap_image *img)
                         img->filename);
     }
     if (img->corrupt) {
-        return qs_error(img, -EROFS, "%s: image is corrupt", img->filename);
+        return qs_error(img, -EROFS, "%s: %s; no further writes", img->filename,
+                        qs_stop_reason(img));
     }
     return 0;
 }
@@ -321,10 +322,7 @@ static int table_commit(struct qsnap_image *img, struct qs_snapshot *list,
     uint8_t f[12];
     qs_be32_store(f, n);
     qs_be64_store(f + 4, off);
-    ret = qs_header_write_field(img, QS_HDR_OFF_SNAPSHOTS, f, sizeof(f));
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    ret = qs_header_switch(img, QS_HDR_OFF_SNAPSHOTS, f, sizeof(f));
     if (ret < 0) {
         return ret;
     }
@@ -822,10 +820,7 @@ static int snapshot_apply_locked(struct qsnap_image *img, int idx)
     qs_be32_store(f + 8, img->hdr.crypt_method);
     qs_be32_store(f + 12, n);
     qs_be64_store(f + 16, new_off);
-    ret = qs_header_write_field(img, QS_HDR_OFF_SIZE, f, sizeof(f));
-    if (ret == 0) {
-        ret = qs_io_flush(img->io);
-    }
+    ret = qs_header_switch(img, QS_HDR_OFF_SIZE, f, sizeof(f));
     if (ret < 0) {
         goto out;
     }

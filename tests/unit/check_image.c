@@ -1425,6 +1425,73 @@ START_TEST(test_fault_injection)
 }
 END_TEST
 
+START_TEST(test_switch_flush_fails)
+{
+    /* A checkpoint's VM state lies past the disk, so writing it grows the
+     * L1 table: a header switch.  When the flush after such a switch
+     * fails, the file already names the new table: the handle must take
+     * no more writes (saying why), and the reopened image is consistent,
+     * whichever flush failed. */
+    qs_io *base;
+    ck_assert_int_eq(unit_make_simple(1u << 20, 4096, 3, 16, &base), 0);
+    const size_t len = 3u << 20;
+    uint8_t *state = malloc(len);
+    ck_assert_ptr_nonnull(state);
+    for (size_t i = 0; i < len; i++) {
+        state[i] = (uint8_t)(i * 31 + i / 4096);
+    }
+    char err[512] = "";
+    int switch_failures = 0;
+    unsigned long n = 1;
+    for (; n < 200; n++) {
+        mem = memio_clone(base);
+        ck_assert_ptr_nonnull(mem);
+        qs_io *fio = qs_faultio_new(memio_ref(mem));
+        ck_assert_int_eq(
+            unit_open(fio, QSNAP_OPEN_RDWR, &img, err, sizeof(err)), 0);
+        qs_faultio_fail_nth(fio, QS_FAULT_FLUSH, n, EIO, false);
+        qsnap_checkpoint *ck;
+        int ret =
+            qsnap_checkpoint_begin(img, "ck", NULL, QSNAP_CHECKPOINT_RAW, &ck);
+        if (ret == 0) {
+            ret = qsnap_checkpoint_write(ck, state, len);
+            ret = ret == 0 ? qsnap_checkpoint_commit(ck)
+                           : (qsnap_checkpoint_abort(ck), ret);
+        }
+        const bool injected = qs_faultio_injected(fio) > 0;
+        if (img->switch_failed) {
+            switch_failures++;
+            ck_assert_int_eq(ret, -EIO);
+            ck_assert_int_eq(qsnap_pwrite(img, state, 4096, 0), -EROFS);
+            ck_assert_msg(strstr(qsnap_errmsg(img), "reopen the image"),
+                          "n=%lu: %s", n, qsnap_errmsg(img));
+        }
+        qsnap_close(img);
+        img = NULL;
+        if (!injected) {
+            ck_assert_int_eq(ret, 0);
+            qs_io_close(mem);
+            mem = NULL;
+            break;
+        }
+        memio_ref(mem);
+        ret = unit_open(mem, QSNAP_OPEN_RDWR, &img, err, sizeof(err));
+        ck_assert_msg(ret == 0, "n=%lu: reopen: %s", n, err);
+        const struct qsnap_check_result r = check_now();
+        ck_assert_msg(r.corruptions == 0, "n=%lu: %" PRIu64 " corruptions", n,
+                      r.corruptions);
+        ck_assert_int_eq(qsnap_close(img), 0);
+        img = NULL;
+        qs_io_close(mem);
+        mem = NULL;
+    }
+    ck_assert_uint_lt(n, 200);
+    ck_assert_int_ge(switch_failures, 1);
+    qs_io_close(base);
+    free(state);
+}
+END_TEST
+
 START_TEST(test_disk_full)
 {
     struct qsnap_create_opts o;
@@ -1697,6 +1764,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_dirty_rebuild);
     tcase_add_loop_test(tc, test_fault_injection, 0, N_FAULT);
     tcase_add_test(tc, test_disk_full);
+    tcase_add_test(tc, test_switch_flush_fails);
     tcase_add_test(tc, test_crash_refcount_before_l2);
     tcase_add_test(tc, test_crash_cow_keeps_old_data);
     tcase_add_loop_test(tc, test_crash_random, 0, crash_runs());
