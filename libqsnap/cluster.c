@@ -1000,7 +1000,9 @@ static int run_prepare(struct qsnap_image *img, const void *l2,
 static int run_write(struct qsnap_image *img, const struct qs_alloc_run *r)
 {
     /* The allocation already counted the run into img->file_size. */
-    int ret = qs_io_pwritev(img->io, r->iov, r->iovcnt, r->host + r->skip);
+    const uint64_t at = r->host + r->skip;
+    int ret = r->bulk ? qs_io_pwritev_bulk(img->io, r->iov, r->iovcnt, at)
+                      : qs_io_pwritev(img->io, r->iov, r->iovcnt, at);
     if (ret < 0) {
         return qs_error(img, ret,
                         "%s: writing %" PRIu64 " bytes at host offset 0x%" PRIx64
@@ -1057,11 +1059,13 @@ static void run_end(struct qsnap_image *img, struct qs_alloc_run *r,
 static int64_t write_alloc_run(struct qsnap_image *img, void *l2,
                                uint64_t l2_idx, uint64_t k,
                                uint64_t cl_guest_off, const struct iovec *iov,
-                               int n, uint64_t req_off, uint64_t req_len)
+                               int n, uint64_t req_off, uint64_t req_len,
+                               unsigned wflags)
 {
     struct qs_alloc_run r;
     int ret = run_prepare(img, l2, l2_idx, k, cl_guest_off, iov, n, req_off,
                           req_len, &r);
+    r.bulk = wflags & QS_WRITE_BULK;
     if (ret == 0) {
         ret = run_write(img, &r);
     }
@@ -1083,7 +1087,7 @@ static bool needs_new_cluster(const struct qsnap_image *img, uint64_t l1e,
 }
 
 int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
-             uint64_t guest_off, uint64_t len)
+             uint64_t guest_off, uint64_t len, unsigned wflags)
 {
     const uint64_t cs = img->cluster_size;
     const uint32_t span_bits = img->cluster_bits + img->l2_bits;
@@ -1118,7 +1122,7 @@ int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
             }
             if (alloc) {
                 int64_t done = write_alloc_run(img, l2, idx, k, cl_off, iov, n,
-                                               guest_off, len);
+                                               guest_off, len, wflags);
                 if (done < 0) {
                     ret = (int)done;
                     break;
@@ -1157,7 +1161,7 @@ int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
                     struct iov_slice s2;
                     ret = slice_iov(s.v, s.n, done_b, gb - ga, &s2);
                     if (ret == 0) {
-                        ret = qs_host_writev(img, s2.v, s2.n, host);
+                        ret = qs_host_writev(img, s2.v, s2.n, host, wflags);
                         slice_free(&s2);
                     }
                     done_b += gb - ga;
@@ -1387,7 +1391,7 @@ static int write_zero_bytes(struct qsnap_image *img, uint64_t off, uint64_t len)
         return -ENOMEM;
     }
     struct iovec v = {buf, len};
-    ret = qs_write(img, &v, 1, off, len);
+    ret = qs_write(img, &v, 1, off, len, 0);
     free(buf);
     return ret;
 }
@@ -1519,7 +1523,7 @@ int qs_write_compressed(struct qsnap_image *img, const void *cbuf, size_t clen,
     if (!cbuf) {
         /* Did not compress: an ordinary write of the whole cluster. */
         struct iovec v = {(void *)raw, cs};
-        return qs_write(img, &v, 1, guest_off, cs);
+        return qs_write(img, &v, 1, guest_off, cs, 0);
     }
 
     void *l2;

@@ -415,8 +415,9 @@ static int fault_preadv(qs_io *io, const struct iovec *iov, int n, uint64_t off)
     return ret;
 }
 
-static int fault_pwritev(qs_io *io, const struct iovec *iov, int n,
-                         uint64_t off)
+/* Plain and bulk writes alike are "write" calls. */
+static int fault_write(qs_io *io, const struct iovec *iov, int n, uint64_t off,
+                       bool bulk)
 {
     struct faultio *f = to_fault(io);
     pthread_mutex_lock(&f->plan->mtx);
@@ -425,10 +426,23 @@ static int fault_pwritev(qs_io *io, const struct iovec *iov, int n,
         ret = pending_add(f, QS_FAULT_WRITE, off, iov_total(iov, n), iov, n);
     }
     if (ret == 0) {
-        ret = qs_io_pwritev(f->inner, iov, n, off);
+        ret = bulk ? qs_io_pwritev_bulk(f->inner, iov, n, off)
+                   : qs_io_pwritev(f->inner, iov, n, off);
     }
     pthread_mutex_unlock(&f->plan->mtx);
     return ret;
+}
+
+static int fault_pwritev(qs_io *io, const struct iovec *iov, int n,
+                         uint64_t off)
+{
+    return fault_write(io, iov, n, off, false);
+}
+
+static int fault_pwritev_bulk(qs_io *io, const struct iovec *iov, int n,
+                              uint64_t off)
+{
+    return fault_write(io, iov, n, off, true);
 }
 
 static int fault_flush(qs_io *io)
@@ -564,6 +578,7 @@ static void fault_close(qs_io *io)
 static const struct qs_io_ops fault_ops = {
     .preadv = fault_preadv,
     .pwritev = fault_pwritev,
+    .pwritev_bulk = fault_pwritev_bulk,
     .flush = fault_flush,
     .truncate = fault_truncate,
     .punch = fault_punch,

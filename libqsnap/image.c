@@ -76,13 +76,15 @@ int qs_host_read(struct qsnap_image *img, void *buf, size_t len,
 }
 
 int qs_host_writev(struct qsnap_image *img, const struct iovec *iov, int n,
-                   uint64_t host_off)
+                   uint64_t host_off, unsigned wflags)
 {
     uint64_t len = 0;
     for (int i = 0; i < n; i++) {
         len += iov[i].iov_len;
     }
-    int ret = qs_io_pwritev(img->io, iov, n, host_off);
+    int ret = (wflags & QS_WRITE_BULK)
+                  ? qs_io_pwritev_bulk(img->io, iov, n, host_off)
+                  : qs_io_pwritev(img->io, iov, n, host_off);
     if (ret == 0 && host_off + len > img->file_size) {
         img->file_size = host_off + len;
     }
@@ -99,7 +101,7 @@ int qs_host_write(struct qsnap_image *img, const void *buf, size_t len,
                   uint64_t host_off)
 {
     struct iovec v = {(void *)buf, len};
-    return qs_host_writev(img, &v, 1, host_off);
+    return qs_host_writev(img, &v, 1, host_off, 0);
 }
 
 int qs_header_write(struct qsnap_image *img)
@@ -1077,7 +1079,7 @@ static int write_allocating(struct qsnap_image *img, const struct iovec *iov,
         ret = qs_write_begin(img, iov, iovcnt, offset, len, &job);
     }
     if (ret == 0) {
-        ret = qs_write(img, iov, iovcnt, offset, len);
+        ret = qs_write(img, iov, iovcnt, offset, len, 0);
     } else if (ret > 0) {
         pthread_rwlock_unlock(&img->lock);
         ret = qs_write_job_data(img, &job);
@@ -1257,7 +1259,7 @@ QSNAP_API int qsnap_write_compressed(qsnap_image *img, const void *buf,
     qs_lock_exclusive(img);
     if (clen == -ENOSPC && len < cs) {
         struct iovec v = {(void *)buf, len};
-        ret = qs_write(img, &v, 1, offset, len);
+        ret = qs_write(img, &v, 1, offset, len, 0);
     } else {
         ret = qs_write_compressed(img, clen > 0 ? cbuf : NULL,
                                   clen > 0 ? (size_t)clen : 0, raw, offset);

@@ -5,7 +5,9 @@
  *   1. Every call transfers the whole range or returns -errno; short reads
  *      past the end of the file return zeros for the missing tail.
  *   2. The direct descriptor (if any) is used only for I/O whose offset,
- *      lengths and buffer addresses are all QS_DIRECT_ALIGN-aligned.
+ *      lengths and buffer addresses are all QS_DIRECT_ALIGN-aligned, and
+ *      only for bulk writes unless O_DIRECT was asked for.  It is the same
+ *      file as the buffered one (checked when opened).
  *   3. Locks are taken before the conflict test, so two openers racing
  *      cannot both pass it.
  */
@@ -41,7 +43,8 @@ static const char *const perm_names[QS_PERM_COUNT] = {
 struct posix_io {
     qs_io base;
     int fd;
-    int direct_fd; /* -1 unless QS_IO_DIRECT */
+    int direct_fd;   /* an O_DIRECT twin of fd, or -1 */
+    bool direct_all; /* QS_IO_DIRECT: all aligned I/O goes through it */
 };
 
 static struct posix_io *to_posix(qs_io *io)
@@ -134,11 +137,12 @@ static int rw_loop(int fd, const struct iovec *iov_in, int n, uint64_t off,
 }
 
 static int posix_rw(qs_io *io, const struct iovec *iov, int n, uint64_t off,
-                    bool write)
+                    bool write, bool bulk)
 {
     struct posix_io *p = to_posix(io);
 
-    if (p->direct_fd >= 0 && iov_aligned(iov, n, off)) {
+    if (p->direct_fd >= 0 && (p->direct_all || bulk) &&
+        iov_aligned(iov, n, off)) {
         int ret = rw_loop(p->direct_fd, iov, n, off, write);
         if (ret != -EINVAL) {
             return ret;
@@ -150,13 +154,22 @@ static int posix_rw(qs_io *io, const struct iovec *iov, int n, uint64_t off,
 
 static int posix_preadv(qs_io *io, const struct iovec *iov, int n, uint64_t off)
 {
-    return posix_rw(io, iov, n, off, false);
+    return posix_rw(io, iov, n, off, false, false);
 }
 
 static int posix_pwritev(qs_io *io, const struct iovec *iov, int n,
                          uint64_t off)
 {
-    return posix_rw(io, iov, n, off, true);
+    return posix_rw(io, iov, n, off, true, false);
+}
+
+/* Written once, read back rarely: past the page cache where aligned, so
+ * that gigabytes of VM state neither crowd the host's cache out nor cost
+ * a copy into it. */
+static int posix_pwritev_bulk(qs_io *io, const struct iovec *iov, int n,
+                              uint64_t off)
+{
+    return posix_rw(io, iov, n, off, true, true);
 }
 
 static int posix_flush(qs_io *io)
@@ -265,9 +278,30 @@ static void posix_close(qs_io *io)
     free(p);
 }
 
+/*
+ * The O_DIRECT twin of an open file, or -1.  A file system without
+ * O_DIRECT simply gets buffered I/O; so does a path that names another
+ * file by now.
+ */
+static int open_direct_twin(const char *path, unsigned flags,
+                            const struct stat *st)
+{
+    int dflags = O_CLOEXEC | O_DIRECT;
+    dflags |= (flags & QS_IO_RDWR) ? O_RDWR : O_RDONLY;
+    int fd = open(path, dflags);
+    struct stat dst;
+    if (fd >= 0 && (fstat(fd, &dst) < 0 || dst.st_dev != st->st_dev ||
+                    dst.st_ino != st->st_ino)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
 static const struct qs_io_ops posix_ops = {
     .preadv = posix_preadv,
     .pwritev = posix_pwritev,
+    .pwritev_bulk = posix_pwritev_bulk,
     .flush = posix_flush,
     .start_writeback = posix_start_writeback,
     .truncate = posix_truncate,
@@ -432,11 +466,9 @@ int qs_io_open_posix(const char *path, unsigned flags, qs_io **out, char *err,
     p->base.ops = &posix_ops;
     p->fd = fd;
     p->direct_fd = -1;
-    if (flags & QS_IO_DIRECT) {
-        int dflags = O_CLOEXEC | O_DIRECT;
-        dflags |= (flags & QS_IO_RDWR) ? O_RDWR : O_RDONLY;
-        p->direct_fd = open(path, dflags);
-        /* A file system without O_DIRECT simply gets buffered I/O. */
+    p->direct_all = flags & QS_IO_DIRECT;
+    if (flags & (QS_IO_DIRECT | QS_IO_RDWR)) {
+        p->direct_fd = open_direct_twin(path, flags, &st);
     }
     *out = &p->base;
     /* Tests can ask for failures from the environment (qs_fault.h). */

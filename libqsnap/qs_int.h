@@ -194,8 +194,14 @@ int qs_raw_block_status(struct qsnap_image *img, uint64_t off, uint64_t len,
 /* Metadata I/O helpers that keep img->file_size current. */
 int qs_host_write(struct qsnap_image *img, const void *buf, size_t len,
                   uint64_t host_off);
+/* qs_host_writev and qs_write flags. */
+enum {
+    /* Data written once and not read back soon (VM state): goes through
+     * qs_io_pwritev_bulk, past the host's cache where it can. */
+    QS_WRITE_BULK = 1u << 0,
+};
 int qs_host_writev(struct qsnap_image *img, const struct iovec *iov, int n,
-                   uint64_t host_off);
+                   uint64_t host_off, unsigned wflags);
 int qs_host_read(struct qsnap_image *img, void *buf, size_t len,
                  uint64_t host_off);
 void *qs_alloc_buf(size_t len); /* page-aligned, for O_DIRECT */
@@ -281,7 +287,7 @@ void qs_inplace_end(struct qsnap_image *img, struct qs_inplace_plan *p);
 /* Exclusive lock held: returns once no in-place write is in flight. */
 void qs_inplace_wait_idle(struct qsnap_image *img);
 int qs_write(struct qsnap_image *img, const struct iovec *iov, int n,
-             uint64_t guest_off, uint64_t len);
+             uint64_t guest_off, uint64_t len, unsigned wflags);
 
 /* One contiguous host run of an allocating write (cluster.c). */
 struct qs_alloc_run {
@@ -290,6 +296,7 @@ struct qs_alloc_run {
     uint64_t got;    /* clusters */
     bool fresh;      /* allocated for this write (not rewritten) */
     bool zeroed;     /* fresh space known to read as zeros */
+    bool bulk;       /* QS_WRITE_BULK */
     uint64_t skip;   /* bytes of the run left unwritten at its start */
     uint8_t *head_buf, *tail_buf;
     struct iovec *iov; /* old head, the request's bytes, old tail */

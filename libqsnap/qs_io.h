@@ -6,6 +6,7 @@
  * back-end keeps two descriptors when O_DIRECT is requested: data I/O whose
  * offset, length and buffers are aligned goes through the direct one,
  * everything else (metadata, partial sectors) through the buffered one.
+ * A writable file gets the direct descriptor too, for bulk writes alone.
  *
  * Image locks follow QEMU's file driver: one-byte OFD read locks at
  * 100 + permission bit for permissions held and 200 + bit for permissions
@@ -26,6 +27,10 @@ struct qs_io_ops {
     int (*preadv)(qs_io *io, const struct iovec *iov, int iovcnt, uint64_t off);
     int (*pwritev)(qs_io *io, const struct iovec *iov, int iovcnt,
                    uint64_t off);
+    /* Optional: pwritev for data written once and not read back soon (VM
+     * state); the back-end may bypass the host's cache for it. */
+    int (*pwritev_bulk)(qs_io *io, const struct iovec *iov, int iovcnt,
+                        uint64_t off);
     int (*flush)(qs_io *io);
     /* Optional hint: start writing dirty data back, without waiting. */
     void (*start_writeback)(qs_io *io);
@@ -69,6 +74,13 @@ static inline int qs_io_pwritev(qs_io *io, const struct iovec *iov, int n,
                                 uint64_t off)
 {
     return io->ops->pwritev(io, iov, n, off);
+}
+
+static inline int qs_io_pwritev_bulk(qs_io *io, const struct iovec *iov, int n,
+                                     uint64_t off)
+{
+    return io->ops->pwritev_bulk ? io->ops->pwritev_bulk(io, iov, n, off)
+                                 : io->ops->pwritev(io, iov, n, off);
 }
 
 int qs_io_pread(qs_io *io, void *buf, size_t len, uint64_t off);

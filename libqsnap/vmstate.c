@@ -34,6 +34,11 @@
  *      caller's thread and a helper thread taking chunks from a shared
  *      counter, and are written strictly in order once the whole batch is
  *      done; the helper touches nothing but the slots it took.
+ *   4. The encoded bytes are gathered in two output buffers: the caller's
+ *      thread fills one while a writer thread writes the other into the
+ *      area, so that putting them into the host file overlaps with the
+ *      encoding.  Every write of the area has ended before the checkpoint
+ *      commits, aborts or writes its directory.
  */
 #include "config.h"
 
@@ -178,6 +183,24 @@ struct encoder {
     bool quit;
 };
 
+/*
+ * The output writer (invariant 4).  Without a second processor there is
+ * no thread and out_flush() writes in the caller's thread.
+ */
+struct out_writer {
+    bool thread_ok;
+    pthread_t thread;
+    pthread_mutex_t mtx;
+    pthread_cond_t go, done;
+    struct qsnap_checkpoint *ck;
+    const uint8_t *buf; /* handed over: buf[0..len) goes to area offset off */
+    size_t len;
+    uint64_t off;
+    bool busy; /* a buffer is handed over and not yet written */
+    bool quit;
+    int err; /* the first failed write */
+};
+
 struct qsnap_checkpoint {
     struct qsnap_image *img;
     char *name;
@@ -192,14 +215,16 @@ struct qsnap_checkpoint {
     struct section *sections;
     uint32_t n_sections;
     bool in_section;
-    uint8_t *out;
+    uint8_t *out_buf[2];
+    uint8_t *out; /* the one being filled */
     size_t out_fill;
     uint64_t out_pos; /* container offset of out[0] */
     struct encoder *enc;
+    struct out_writer *writer;
 };
 
 static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
-                      uint64_t off)
+                      uint64_t off, unsigned wflags)
 {
     struct qsnap_image *img = ck->img;
     struct iovec v = {(void *)buf, len};
@@ -207,7 +232,8 @@ static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
         return 0;
     }
     qs_lock_exclusive(img);
-    int ret = img->corrupt ? -EROFS : qs_write(img, &v, 1, ck->base + off, len);
+    int ret = img->corrupt ? -EROFS
+                           : qs_write(img, &v, 1, ck->base + off, len, wflags);
     pthread_rwlock_unlock(&img->lock);
     /* VM state is gigabytes written once, all flushed at the commit: get
      * the disk going on it now rather than all at once then. */
@@ -219,12 +245,110 @@ static int area_write(struct qsnap_checkpoint *ck, const void *buf, size_t len,
     return ret;
 }
 
+static void *writer_main(void *arg)
+{
+    struct out_writer *w = arg;
+    pthread_mutex_lock(&w->mtx);
+    for (;;) {
+        while (!w->busy && !w->quit) {
+            pthread_cond_wait(&w->go, &w->mtx);
+        }
+        if (!w->busy) {
+            break; /* quit, with nothing left to write */
+        }
+        pthread_mutex_unlock(&w->mtx);
+        const int ret =
+            area_write(w->ck, w->buf, w->len, w->off, QS_WRITE_BULK);
+        pthread_mutex_lock(&w->mtx);
+        if (ret < 0 && !w->err) {
+            w->err = ret;
+        }
+        w->busy = false;
+        pthread_cond_signal(&w->done);
+    }
+    pthread_mutex_unlock(&w->mtx);
+    return NULL;
+}
+
+static struct out_writer *writer_new(struct qsnap_checkpoint *ck)
+{
+    struct out_writer *w = calloc(1, sizeof(*w));
+    if (!w) {
+        return NULL;
+    }
+    w->ck = ck;
+    pthread_mutex_init(&w->mtx, NULL);
+    pthread_cond_init(&w->go, NULL);
+    pthread_cond_init(&w->done, NULL);
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1 &&
+        pthread_create(&w->thread, NULL, writer_main, w) == 0) {
+        w->thread_ok = true;
+    }
+    return w;
+}
+
+/* Waits until the writer is idle; returns the first error it met. */
+static int writer_wait(struct out_writer *w)
+{
+    if (!w || !w->thread_ok) {
+        return 0;
+    }
+    pthread_mutex_lock(&w->mtx);
+    while (w->busy) {
+        pthread_cond_wait(&w->done, &w->mtx);
+    }
+    const int err = w->err;
+    pthread_mutex_unlock(&w->mtx);
+    return err;
+}
+
+/* Ends the thread after the write it holds, and frees the writer. */
+static void writer_free(struct out_writer *w)
+{
+    if (!w) {
+        return;
+    }
+    if (w->thread_ok) {
+        pthread_mutex_lock(&w->mtx);
+        w->quit = true;
+        pthread_cond_signal(&w->go);
+        pthread_mutex_unlock(&w->mtx);
+        pthread_join(w->thread, NULL);
+    }
+    pthread_mutex_destroy(&w->mtx);
+    pthread_cond_destroy(&w->go);
+    pthread_cond_destroy(&w->done);
+    free(w);
+}
+
+/* Sends the output buffer to the area and switches to the other one. */
 static int out_flush(struct qsnap_checkpoint *ck)
 {
-    int ret = area_write(ck, ck->out, ck->out_fill, ck->out_pos);
-    ck->out_pos += ck->out_fill;
+    struct out_writer *w = ck->writer;
+    const size_t len = ck->out_fill;
+    const uint64_t off = ck->out_pos;
+    ck->out_pos += len;
     ck->out_fill = 0;
-    return ret;
+    if (!len) {
+        return 0;
+    }
+    if (!w->thread_ok) {
+        return area_write(ck, ck->out, len, off, QS_WRITE_BULK);
+    }
+    /* The writer is done with the other buffer once it is idle. */
+    const int ret = writer_wait(w);
+    if (ret < 0) {
+        return ret;
+    }
+    pthread_mutex_lock(&w->mtx);
+    w->buf = ck->out;
+    w->len = len;
+    w->off = off;
+    w->busy = true;
+    pthread_cond_signal(&w->go);
+    pthread_mutex_unlock(&w->mtx);
+    ck->out = ck->out == ck->out_buf[0] ? ck->out_buf[1] : ck->out_buf[0];
+    return 0;
 }
 
 static int out_put(struct qsnap_checkpoint *ck, const void *p, size_t len)
@@ -495,7 +619,9 @@ static void ck_free(struct qsnap_checkpoint *ck)
         free(ck->sections[i].chunks);
     }
     free(ck->sections);
-    free(ck->out);
+    writer_free(ck->writer);
+    free(ck->out_buf[0]);
+    free(ck->out_buf[1]);
     encoder_free(ck->enc);
     free(ck->name);
     free(ck);
@@ -520,13 +646,18 @@ QSNAP_API int qsnap_checkpoint_begin(qsnap_image *img, const char *name,
     ck->flags = flags;
     ck->name = name ? strdup(name) : NULL;
     if (flags & QSNAP_CHECKPOINT_SECTIONS) {
-        ck->out = malloc(VMS_OUTBUF);
+        /* Aligned, for the direct writes of bulk data. */
+        ck->out_buf[0] = qs_alloc_buf(VMS_OUTBUF);
+        ck->out_buf[1] = qs_alloc_buf(VMS_OUTBUF);
+        ck->out = ck->out_buf[0];
         ck->enc = encoder_new();
+        ck->writer = writer_new(ck);
         ck->pos = VMS_DATA_START;
         ck->out_pos = VMS_DATA_START;
     }
-    if ((name && !ck->name) || ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
-                                (!ck->out || !ck->enc))) {
+    if ((name && !ck->name) ||
+        ((flags & QSNAP_CHECKPOINT_SECTIONS) &&
+         (!ck->out_buf[0] || !ck->out_buf[1] || !ck->enc || !ck->writer))) {
         ck_free(ck);
         return -ENOMEM;
     }
@@ -596,7 +727,7 @@ QSNAP_API int qsnap_checkpoint_write(qsnap_checkpoint *ck, const void *buf,
     if (ret < 0) {
         return ret; /* a refused call changes nothing */
     }
-    ret = area_write(ck, buf, len, ck->pos);
+    ret = area_write(ck, buf, len, ck->pos, 0);
     if (ret < 0) {
         ck->error = ret; /* a failed write dooms the checkpoint */
         return ret;
@@ -732,6 +863,9 @@ static int finish_container(struct qsnap_checkpoint *ck, uint64_t *total)
     if (ret == 0) {
         ret = out_flush(ck);
     }
+    if (ret == 0) {
+        ret = writer_wait(ck->writer);
+    }
     if (ret < 0) {
         return ret;
     }
@@ -766,7 +900,7 @@ static int finish_container(struct qsnap_checkpoint *ck, uint64_t *total)
         qs_be64_store(p + 24, section_hash(s, recs));
         p = recs + s->n_chunks * 24;
     }
-    ret = area_write(ck, dir, dir_size, dir_off);
+    ret = area_write(ck, dir, dir_size, dir_off, 0);
     uint8_t sb[VMS_SB_LEN];
     memset(sb, 0, sizeof(sb));
     memcpy(sb, VMS_MAGIC, 8);
@@ -780,7 +914,7 @@ static int finish_container(struct qsnap_checkpoint *ck, uint64_t *total)
     qs_be64_store(sb + 56, XXH64(sb, 56, 0));
     free(dir);
     if (ret == 0) {
-        ret = area_write(ck, sb, sizeof(sb), 0);
+        ret = area_write(ck, sb, sizeof(sb), 0, 0);
     }
     *total = dir_off + dir_size;
     return ret;
@@ -799,7 +933,9 @@ QSNAP_API int qsnap_checkpoint_commit(qsnap_checkpoint *ck)
         return -EINVAL;
     }
     struct qsnap_image *img = ck->img;
-    int ret = ck->error;
+    /* No write of the area may land after the drop below (invariant 4). */
+    const int werr = writer_wait(ck->writer);
+    int ret = ck->error ? ck->error : werr;
     uint64_t size = ck->pos;
     if (ret == 0 && (ck->flags & QSNAP_CHECKPOINT_SECTIONS)) {
         if (ck->in_section) {
@@ -827,6 +963,7 @@ QSNAP_API int qsnap_checkpoint_abort(qsnap_checkpoint *ck)
         return -EINVAL;
     }
     struct qsnap_image *img = ck->img;
+    (void)writer_wait(ck->writer); /* its error no longer matters */
     qs_lock_exclusive(img);
     int ret = img->corrupt ? 0 : qs_vmstate_drop(img);
     ck_detach(ck);

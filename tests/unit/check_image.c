@@ -12,7 +12,11 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "unit_util.h"
@@ -744,6 +748,91 @@ START_TEST(test_alloc_buf_direct)
     qsnap_free_buf(w);
     qsnap_free_buf(r);
     qsnap_free_buf(NULL);
+}
+END_TEST
+
+/* Pages of [0, len) of `path` in the page cache. */
+static size_t resident_pages(const char *path, size_t len)
+{
+    const int fd = open(path, O_RDONLY);
+    ck_assert_int_ge(fd, 0);
+    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    ck_assert_ptr_ne(m, MAP_FAILED);
+    unsigned char vec[256];
+    ck_assert_uint_le(len / 4096, sizeof(vec));
+    ck_assert_int_eq(mincore(m, len, vec), 0);
+    size_t n = 0;
+    for (size_t i = 0; i < len / 4096; i++) {
+        n += vec[i] & 1;
+    }
+    munmap(m, len);
+    close(fd);
+    return n;
+}
+
+START_TEST(test_bulk_writes)
+{
+    /* Bulk writes (VM state) land like plain ones, aligned or not, and
+     * stay coherent with buffered I/O over the same bytes.  On a disk
+     * file system with O_DIRECT an aligned one goes past the page cache:
+     * none of its pages is resident afterwards, although a buffered
+     * write had just put them there dirty. */
+    const char *path = tpath("bulk");
+    const size_t len = 512u << 10;
+    char err[256];
+    qs_io *io;
+    ck_assert_int_eq(qs_io_open_posix(path, QS_IO_RDWR | QS_IO_CREATE, &io, err,
+                                      sizeof(err)),
+                     0);
+    uint8_t *a = qs_alloc_buf(len);
+    uint8_t *b = qs_alloc_buf(len);
+    uint8_t *r = qs_alloc_buf(len + 8192);
+    ck_assert(a && b && r);
+    for (size_t i = 0; i < len; i++) {
+        a[i] = (uint8_t)(i * 13 + 1);
+        b[i] = (uint8_t)(i * 7 + i / 4096);
+    }
+    ck_assert_int_eq(qs_io_pwrite(io, a, len, 0), 0);
+    ck_assert_uint_eq(resident_pages(path, len), len / 4096);
+    struct iovec v[2] = {{b, len / 2}, {b + len / 2, len / 2}};
+    ck_assert_int_eq(qs_io_pwritev_bulk(io, v, 2, 0), 0);
+
+    struct statfs fs;
+    ck_assert_int_eq(statfs(path, &fs), 0);
+    const int probe = open(path, O_RDONLY | O_DIRECT);
+    if (probe >= 0 && fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC) {
+        ck_assert_uint_eq(resident_pages(path, len), 0);
+    } else {
+        fprintf(stderr,
+                "test_bulk_writes: %s keeps its data in the page "
+                "cache; residency not checked\n",
+                dir);
+    }
+    if (probe >= 0) {
+        close(probe);
+    }
+    /* Unaligned: buffer, length and offset (buffered underneath). */
+    struct iovec u = {a + 1, 5000};
+    ck_assert_int_eq(qs_io_pwritev_bulk(io, &u, 1, len + 3), 0);
+    ck_assert_int_eq(qs_io_pread(io, r, len + 8192, 0), 0);
+    ck_assert_mem_eq(r, b, len);
+    ck_assert_uint_eq(r[len], 0);
+    ck_assert_mem_eq(r + len + 3, a + 1, 5000);
+    /* Buffered over bulk, then bulk over buffered, on one page. */
+    ck_assert_int_eq(qs_io_pwrite(io, a, 100, 4096 + 7), 0);
+    struct iovec w = {a, 4096};
+    ck_assert_int_eq(qs_io_pwritev_bulk(io, &w, 1, 8192), 0);
+    ck_assert_int_eq(qs_io_flush(io), 0);
+    ck_assert_int_eq(qs_io_pread(io, r, 3 * 4096, 4096), 0);
+    ck_assert_mem_eq(r, b + 4096, 7);
+    ck_assert_mem_eq(r + 7, a, 100);
+    ck_assert_mem_eq(r + 107, b + 4096 + 107, 4096 - 107);
+    ck_assert_mem_eq(r + 4096, a, 4096);
+    ck_assert_mem_eq(r + 8192, b + 3 * 4096, 4096);
+    qs_io_close(io);
+    free(a);
+    free(b);
+    free(r);
 }
 END_TEST
 
@@ -1749,6 +1838,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, test_vectors_mem);
     tcase_add_test(tc, test_vectors_file);
     tcase_add_test(tc, test_alloc_buf_direct);
+    tcase_add_test(tc, test_bulk_writes);
     tcase_add_test(tc, test_reserve_ahead);
     tcase_add_test(tc, test_concurrent_allocating_writes);
     tcase_add_test(tc, test_out_of_range);
