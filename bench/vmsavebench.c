@@ -1,13 +1,16 @@
 /*
  * vmsavebench.c - times saving a guest memory image as VM state.
  *
- *   vmsavebench sections|raw IMAGE [SIZE]
+ *   vmsavebench sections|raw|raw-direct IMAGE [SIZE]
  *
- * Builds SIZE bytes (default 2 GiB) of guest-like memory, creates IMAGE
- * (qcow2, 1 GiB disk, 64 KiB clusters) and saves the memory in one
- * checkpoint, either through the section container (a section "ram",
- * written with qsnap_checkpoint_section_write) or as a raw stream
- * (qsnap_checkpoint_write).  Both write 1 MiB at a time, as a VMM's
+ * Builds SIZE bytes (default 2 GiB) of guest-like memory, page-aligned as
+ * guest RAM is, creates IMAGE (qcow2, 1 GiB disk, 64 KiB clusters) and
+ * saves the memory in one checkpoint, either through the section
+ * container (a section "ram", written with
+ * qsnap_checkpoint_section_write) or as a raw stream
+ * (qsnap_checkpoint_write); raw-direct is the raw stream with the image
+ * opened QSNAP_OPEN_NOCACHE, so that it goes past the page cache as the
+ * container's writes do.  All write 1 MiB at a time, as a VMM's
  * migration loop would.  The time runs from qsnap_checkpoint_begin() to
  * the end of qsnap_flush() after the commit, so the state is on disk.
  *
@@ -201,11 +204,14 @@ static int save(qsnap_checkpoint *ck, bool sections, const uint8_t *mem,
 int main(int argc, char **argv)
 {
     if (argc < 3 || argc > 4 ||
-        (strcmp(argv[1], "sections") != 0 && strcmp(argv[1], "raw") != 0)) {
-        fprintf(stderr, "usage: vmsavebench sections|raw IMAGE [SIZE]\n");
+        (strcmp(argv[1], "sections") != 0 && strcmp(argv[1], "raw") != 0 &&
+         strcmp(argv[1], "raw-direct") != 0)) {
+        fprintf(stderr,
+                "usage: vmsavebench sections|raw|raw-direct IMAGE [SIZE]\n");
         return 2;
     }
     const bool sections = strcmp(argv[1], "sections") == 0;
+    const bool direct = strcmp(argv[1], "raw-direct") == 0;
     const char *path = argv[2];
     uint64_t size = 2ull << 30;
     if (argc == 4) {
@@ -217,7 +223,7 @@ int main(int argc, char **argv)
         }
     }
 
-    uint8_t *mem = malloc(size);
+    uint8_t *mem = aligned_alloc(PAGE, size);
     if (!mem) {
         return fail("allocating the memory", NULL, -ENOMEM);
     }
@@ -240,7 +246,7 @@ int main(int argc, char **argv)
     }
     struct qsnap_open_opts oopts;
     qsnap_open_opts_init(&oopts);
-    oopts.flags = QSNAP_OPEN_RDWR;
+    oopts.flags = QSNAP_OPEN_RDWR | (direct ? QSNAP_OPEN_NOCACHE : 0);
     qsnap_image *img;
     ret = qsnap_open(path, &oopts, &img, err, sizeof(err));
     if (ret < 0) {
