@@ -17,7 +17,10 @@
  * snapshot must hold, it holds back the workers' changes (with a lock of
  * this program's own, not the library's) while it creates the snapshot and
  * copies the models; it also creates snapshots without holding anyone
- * back, which are read but not compared, and deleted at once.
+ * back, which are read but not compared, and deleted at once, and saves
+ * checkpoints with VM state (the section container, whose encoding and
+ * writing run on threads of the library's own) that must read back
+ * exactly before they are deleted.
  *
  * At the end the disk and every snapshot are compared in full, qsnap_check
  * must find nothing, the image is closed, reopened and compared again, and
@@ -75,14 +78,15 @@ enum op {
     OP_SNAP_DELETE,
     OP_SNAP_LIST,
     OP_SNAP_BUSY,
+    OP_SNAP_CKPT,
     N_OPS
 };
 
 static const char *const op_names[N_OPS] = {
-    "write",       "read",        "wide-read",   "discard",
-    "zero",        "compress",    "flush",       "status",
-    "view",        "info",        "snap-create", "snap-race",
-    "snap-verify", "snap-delete", "snap-list",   "snap-busy",
+    "write",       "read",      "wide-read",   "discard",     "zero",
+    "compress",    "flush",     "status",      "view",        "info",
+    "snap-create", "snap-race", "snap-verify", "snap-delete", "snap-list",
+    "snap-busy",   "snap-ckpt",
 };
 
 /* Relative weights of the workers' operations (per mille). */
@@ -1133,6 +1137,107 @@ static void snap_busy(struct actor *a)
     qsnap_view_close(v);
 }
 
+/* Fills `p` with pages of VM state: zero pages, random bytes (which zstd
+ * cannot shrink) and repetitive ones, in runs. */
+static void fill_state(struct actor *a, uint8_t *p, size_t len)
+{
+    for (size_t off = 0; off < len;) {
+        const size_t run =
+            min_u64(len - off, 4096 * (1 + rng_below(&a->rng, 48)));
+        const uint64_t kind = rng_below(&a->rng, 3);
+        for (size_t i = 0; i < run; i += 8) {
+            const uint64_t r = kind == 0   ? 0
+                               : kind == 1 ? rng_next(&a->rng)
+                                           : 0x2e2e6b6f202c6f6bull + (i & 0xf0);
+            memcpy(p + off + i, &r, min_u64(8, run - i));
+        }
+        off += run;
+    }
+}
+
+/*
+ * A checkpoint whose VM state is saved while the workers write: a "ram"
+ * section larger than the container's output buffers, written in pieces
+ * of any size, and a small "dev" one.  Both must read back exactly; the
+ * checkpoint is deleted again at once.
+ */
+static void snap_checkpoint(struct actor *a)
+{
+    struct stress *st = a->st;
+    const size_t ram_len = (9u << 20) + 4096 * rng_below(&a->rng, 64);
+    const size_t dev_len = 1 + rng_below(&a->rng, 5000);
+    uint8_t *ram = xmalloc(ram_len);
+    uint8_t *dev = xmalloc(dev_len);
+    uint8_t *back = xmalloc(ram_len);
+    char name[32];
+    qsnap_checkpoint *ck;
+    qsnap_vmstate *vs;
+
+    snprintf(name, sizeof(name), "ckpt-%u", ++a->snap_seq);
+    a->counts[OP_SNAP_CKPT]++;
+    fill_state(a, ram, ram_len);
+    fill_state(a, dev, dev_len);
+    int ret = qsnap_checkpoint_begin(st->img, name, NULL,
+                                     QSNAP_CHECKPOINT_SECTIONS, &ck);
+    if (ret < 0) {
+        call_failed(a, "qsnap_checkpoint_begin", 0, 0, ret);
+        goto out;
+    }
+    ret = qsnap_checkpoint_section_begin(ck, "ram");
+    for (size_t off = 0; ret == 0 && off < ram_len;) {
+        const size_t n = min_u64(ram_len - off, 1 + rng_below(&a->rng, CHUNK));
+        ret = qsnap_checkpoint_section_write(ck, ram + off, n);
+        off += n;
+    }
+    if (ret == 0) {
+        ret = qsnap_checkpoint_section_end(ck);
+    }
+    if (ret == 0) {
+        ret = qsnap_checkpoint_section_begin(ck, "dev");
+    }
+    if (ret == 0) {
+        ret = qsnap_checkpoint_section_write(ck, dev, dev_len);
+    }
+    if (ret < 0) {
+        call_failed(a, "writing the checkpoint", 0, 0, ret);
+        qsnap_checkpoint_abort(ck);
+        goto out;
+    }
+    ret = qsnap_checkpoint_commit(ck);
+    if (ret < 0) {
+        call_failed(a, "qsnap_checkpoint_commit", 0, 0, ret);
+        goto out;
+    }
+    ret = qsnap_vmstate_open(st->img, name, &vs);
+    if (ret < 0) {
+        call_failed(a, "qsnap_vmstate_open", 0, 0, ret);
+        goto out;
+    }
+    ret = qsnap_vmstate_section_pread(vs, "ram", back, ram_len, 0);
+    if (ret < 0) {
+        call_failed(a, "qsnap_vmstate_section_pread ram", 0, ram_len, ret);
+    } else if (memcmp(back, ram, ram_len) != 0) {
+        fail(a, "checkpoint %s: section ram reads back wrong", name);
+    }
+    if (ret == 0) {
+        ret = qsnap_vmstate_section_pread(vs, "dev", back, dev_len, 0);
+        if (ret < 0) {
+            call_failed(a, "qsnap_vmstate_section_pread dev", 0, dev_len, ret);
+        } else if (memcmp(back, dev, dev_len) != 0) {
+            fail(a, "checkpoint %s: section dev reads back wrong", name);
+        }
+    }
+    qsnap_vmstate_close(vs);
+    ret = qsnap_snapshot_delete(st->img, name);
+    if (ret < 0) {
+        call_failed(a, "qsnap_snapshot_delete", 0, 0, ret);
+    }
+out:
+    free(ram);
+    free(dev);
+    free(back);
+}
+
 static void *snapper_main(void *opaque)
 {
     struct actor *a = opaque;
@@ -1150,6 +1255,8 @@ static void *snapper_main(void *opaque)
             snap_delete(a);
         } else if (r < 55) {
             snap_race(a);
+        } else if (r < 62) {
+            snap_checkpoint(a);
         } else if (r < 75) {
             snap_verify(a);
         } else if (r < 85) {
