@@ -494,7 +494,8 @@ QSNAP_API int qsnap_checkpoint_section_end(qsnap_checkpoint *ck);
  * frees `ck`.  On failure nothing is visible and `ck` is freed too.
  */
 QSNAP_API int qsnap_checkpoint_commit(qsnap_checkpoint *ck);
-/* Discards the checkpoint and frees `ck`. */
+/* Discards the checkpoint and frees `ck`.  qsnap_close() does so for a
+ * checkpoint still open on the image. */
 QSNAP_API int qsnap_checkpoint_abort(qsnap_checkpoint *ck);
 
 typedef struct qsnap_vmstate qsnap_vmstate;

@@ -646,6 +646,8 @@ QSNAP_API int qsnap_close(qsnap_image *img)
     if (!img) {
         return 0;
     }
+    /* An open checkpoint's threads may still be writing into the image. */
+    const int aborted = img->ckpt ? qsnap_checkpoint_abort(img->ckpt) : 0;
     if (img->format == QSNAP_FMT_QCOW2 && img->rw && !img->corrupt) {
         /* Sync, release freed clusters and the reserved tail, write the
          * refcounts too. */
@@ -666,7 +668,7 @@ QSNAP_API int qsnap_close(qsnap_image *img)
         ret = qs_io_flush(img->io);
     }
     image_free(img);
-    return ret;
+    return ret < 0 ? ret : aborted;
 }
 
 /* ------------------------------------------------------------ create */
