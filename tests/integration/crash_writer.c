@@ -10,7 +10,8 @@
  * journal; `run` does that too if there is no journal yet, and performs
  * N_OPS operations drawn from SEED: guest writes, zero writes, discards
  * and flushes, and either internal snapshots, snapshot deletes and
- * checkpoints with VM state (even seeds) or external checkpoints pushed
+ * checkpoints with VM state (even seeds; a quarter of the checkpoints
+ * hold 10 to 20 MiB, the others under 1 MiB) or external checkpoints pushed
  * as overlays and merged away on delete (odd seeds).  Before each
  * operation it appends "B k" to DIR/journal and after it "D k".  It stops
  * at the first failure (exit 3), so it can be killed (SIGKILL) or have its
@@ -56,6 +57,7 @@
 #define MAX_SNAPS 4
 #define MAX_LAYERS 5
 #define RAM_CHUNK (128u << 10)
+#define BIG_RAM (10u << 20) /* a large checkpoint's ram: 10 to 20 MiB */
 
 static void die(int code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3), noreturn));
@@ -233,6 +235,11 @@ static void plan_next(struct plan *p, struct op *o)
         o->target = p->next_no++;
         p->snaps[p->n_snaps++] = o->target;
         o->len = rnd(&p->rs) % (6 * RAM_CHUNK);
+        if (o->kind == K_CHECKPOINT && rnd(&p->rs) % 4 == 0) {
+            /* More than the container's 4 MiB output buffers hold, so
+             * that its writer thread is caught in mid-stream too. */
+            o->len = BIG_RAM + rnd(&p->rs) % BIG_RAM;
+        }
         break;
     case K_UNSNAP: {
         const int i = (int)(rnd(&p->rs) % (uint64_t)p->n_snaps);
