@@ -797,19 +797,17 @@ START_TEST(test_bulk_writes)
     struct iovec v[2] = {{b, len / 2}, {b + len / 2, len / 2}};
     ck_assert_int_eq(qs_io_pwritev_bulk(io, v, 2, len), 0);
 
+    /* Where O_DIRECT is known to skip the cache: ext2/3/4 and XFS (tmpfs
+     * keeps its data there, btrfs may fall back to buffered I/O). */
     struct statfs fs;
     ck_assert_int_eq(statfs(path, &fs), 0);
-    const int probe = open(path, O_RDONLY | O_DIRECT);
-    if (probe >= 0 && fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC) {
+    if (fs.f_type == EXT4_SUPER_MAGIC || fs.f_type == XFS_SUPER_MAGIC) {
         ck_assert_uint_eq(resident_pages(path, (off_t)len, len), 0);
     } else {
         fprintf(stderr,
-                "test_bulk_writes: %s keeps its data in the page "
-                "cache; residency not checked\n",
-                dir);
-    }
-    if (probe >= 0) {
-        close(probe);
+                "test_bulk_writes: %s is on file system 0x%lx; page "
+                "cache residency not checked\n",
+                dir, (unsigned long)fs.f_type);
     }
     /* Unaligned: buffer, length and offset (buffered underneath). */
     struct iovec u = {a + 1, 5000};
