@@ -447,18 +447,29 @@ static int relocate_tables(struct qsnap_image *img, uint64_t end)
             }
         }
     }
-    /* Snapshot L1 tables: new copies, then one new snapshot table. */
+    /*
+     * Snapshot L1 tables: new copies, then one new snapshot table.  The
+     * old copies are freed only once that table is written: until then
+     * the table on disk points at them.  After a failure the snapshots
+     * point at their old copies again; the new ones are left as leaks.
+     */
+    uint64_t *old_l1 = NULL;
+    if (ret == 0 && img->n_snapshots) {
+        old_l1 = malloc(img->n_snapshots * sizeof(*old_l1));
+        if (!old_l1) {
+            return -ENOMEM;
+        }
+    }
     bool table_dirty = false;
     for (uint32_t s = 0; s < img->n_snapshots && ret == 0; s++) {
         struct qs_snapshot *sn = &img->snapshots[s];
+        old_l1[s] = sn->l1_offset;
         if (!sn->l1_size || sn->l1_offset / cs < end) {
             continue;
         }
-        const uint64_t bytes = (uint64_t)sn->l1_size * 8;
-        ret = relocate_range(img, sn->l1_offset, bytes, &noff);
+        ret = relocate_range(img, sn->l1_offset, (uint64_t)sn->l1_size * 8,
+                             &noff);
         if (ret == 0 && noff != sn->l1_offset) {
-            ret = qs_free_deferred(img, sn->l1_offset,
-                                   QS_DIV_ROUND_UP(bytes, cs) * cs);
             sn->l1_offset = noff;
             table_dirty = true;
         }
@@ -467,6 +478,21 @@ static int relocate_tables(struct qsnap_image *img, uint64_t end)
                      (img->n_snapshots && h->snapshots_offset / cs >= end))) {
         ret = qs_snapshot_table_rewrite(img);
     }
+    const bool written = ret == 0;
+    for (uint32_t s = 0; s < img->n_snapshots && table_dirty; s++) {
+        struct qs_snapshot *sn = &img->snapshots[s];
+        if (sn->l1_offset == old_l1[s]) {
+            continue;
+        }
+        if (!written) {
+            sn->l1_offset = old_l1[s];
+        } else if (ret == 0) {
+            const uint64_t bytes = (uint64_t)sn->l1_size * 8;
+            ret = qs_free_deferred(img, old_l1[s],
+                                   QS_DIV_ROUND_UP(bytes, cs) * cs);
+        }
+    }
+    free(old_l1);
     if (ret == 0) {
         ret = qs_settle(img);
     }

@@ -14,9 +14,10 @@
 # The last run, which no fault reached, must succeed with the new state.
 #
 # Operations: guest write (qsnap-tool write), snapshot create, apply and
-# delete, checkpoint save with VM state (snapshot -c --vmstate), commit,
-# merge-on-delete (delete of a middle layer), and create with
-# preallocation=falloc (the fallocate points).  Failures to reserve space
+# delete, checkpoint save with VM state (snapshot -c --vmstate),
+# compaction, a resize that grows the L1 table, commit, merge-on-delete
+# (delete of a middle layer), and create with preallocation=falloc (the
+# fallocate points).  Failures to reserve space
 # ahead of the image's end must change nothing but the speed.
 set -eu
 
@@ -65,6 +66,21 @@ qio -c "write -P 0x33 400k 300k" "$F/top.qcow2"
 for l in base mid top; do
     run_ok "model $l" "$QEMU_IMG" convert -O raw "$F/$l.qcow2" "$F/$l.raw"
 done
+
+# Compaction: s1 deleted below s2 and the live disk leaves holes that
+# clusters from the end of the file (data, L2 and L1 tables, the
+# snapshot table) move down into.
+run_ok "create cmp" "$QEMU_IMG" create -q -f qcow2 -o cluster_size=4096 \
+    "$F/cmp.qcow2" 1M
+qio -c "write -P 0x41 0 400k" "$F/cmp.qcow2"
+run_ok "snapshot s1" "$QEMU_IMG" snapshot -c s1 "$F/cmp.qcow2"
+qio -c "write -P 0x42 0 300k" -c "write -P 0x43 600k 200k" "$F/cmp.qcow2"
+run_ok "snapshot s2" "$QEMU_IMG" snapshot -c s2 "$F/cmp.qcow2"
+qio -c "write -P 0x44 100k 300k" "$F/cmp.qcow2"
+run_ok "delete s1" "$QEMU_IMG" snapshot -d s1 "$F/cmp.qcow2"
+run_ok "model cmp" "$QEMU_IMG" convert -O raw "$F/cmp.qcow2" "$F/cmp.raw"
+run_ok "model cmp s2" "$QEMU_IMG" convert -O raw -l snapshot.name=s2 \
+    "$F/cmp.qcow2" "$F/cmp-s2.raw"
 
 # VM state to save: two sections.  ram spans several L1 entries of the VM
 # state area (4 KiB clusters) and three of the container's 4 MiB output
@@ -232,6 +248,60 @@ op_vmstate_save()
     esac
 }
 
+op_compact()
+{
+    case $1 in
+    setup) cp "$F/cmp.qcow2" "$W/img.qcow2" ;;
+    run) "$QSNAP_IMG" compact -q "$W/img.qcow2" ;;
+    after)
+        intact "$W/img.qcow2" "$2"
+        same_raw "$W/img.qcow2" "$F/cmp.raw" || die "$2: live disk changed"
+        same_raw "$W/img.qcow2" "$F/cmp-s2.raw" s2 || die "$2: s2 changed"
+        if [ "$3" = "done" ] && [ "$(stat -c %s "$W/img.qcow2")" -ge \
+            "$(stat -c %s "$F/cmp.qcow2")" ]; then
+            die "$2: the file did not shrink"
+        fi
+        ;;
+    esac
+}
+
+# same_grown VIEW MODEL SIZE: VIEW is MODEL, then zeros up to SIZE bytes.
+same_grown()
+{
+    [ "$(stat -c %s "$1")" = "$3" ] &&
+        cmp -s -n "$(stat -c %s "$2")" "$1" "$2" &&
+        cmp -s -i "$(stat -c %s "$2"):0" \
+            -n $(($3 - $(stat -c %s "$2"))) "$1" /dev/zero
+}
+
+# Growing a 1 MiB image of 4 KiB clusters to 64 MiB grows its L1 table:
+# two header switches (the table, then the size).  (qemu-img reads a
+# snapshot at the image's current size.)
+op_resize()
+{
+    case $1 in
+    setup) cp "$F/img.qcow2" "$W/img.qcow2" ;;
+    run) "$QSNAP_IMG" resize -q "$W/img.qcow2" 64M ;;
+    after)
+        intact "$W/img.qcow2" "$2"
+        rm -f "$T/view.raw" "$T/s1.raw"
+        "$QEMU_IMG" convert -U -O raw "$W/img.qcow2" "$T/view.raw"
+        "$QEMU_IMG" convert -U -O raw -l snapshot.name=s1 "$W/img.qcow2" \
+            "$T/s1.raw"
+        size=$(stat -c %s "$T/view.raw")
+        case $size in
+        1048576) [ "$3" != "done" ] || die "$2: still 1 MiB after success" ;;
+        67108864) ;;
+        *) die "$2: the disk is $size bytes" ;;
+        esac
+        same_grown "$T/view.raw" "$F/live.raw" "$size" ||
+            die "$2: the live disk is not its old content and zeros"
+        same_grown "$T/s1.raw" "$F/s1.raw" "$size" ||
+            die "$2: s1 is not its old content and zeros"
+        ;;
+    esac
+}
+
 chain_setup()
 {
     cp "$F/base.qcow2" "$F/mid.qcow2" "$F/top.qcow2" "$W/"
@@ -364,7 +434,7 @@ exercise()
 }
 
 for op in write snapshot_create snapshot_apply snapshot_delete \
-    vmstate_save commit merge; do
+    vmstate_save compact resize commit merge; do
     exercise "$op" write EIO
     exercise "$op" write ENOSPC
     exercise "$op" flush EIO
