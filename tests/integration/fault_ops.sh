@@ -14,10 +14,10 @@
 # The last run, which no fault reached, must succeed with the new state.
 #
 # Operations: guest write (qsnap-tool write), snapshot create, apply and
-# delete, checkpoint save with VM state (snapshot -c --vmstate),
-# compaction, a resize that grows the L1 table, commit, merge-on-delete
-# (delete of a middle layer), and create with preallocation=falloc (the
-# fallocate points).  Failures to reserve space
+# delete and rename, checkpoint save with VM state (snapshot -c
+# --vmstate), compaction, a resize that grows the L1 table, commit,
+# stream, safe rebase, merge-on-delete (delete of a middle layer), and
+# create with preallocation=falloc (the fallocate points).  Failures to reserve space
 # ahead of the image's end must change nothing but the speed.
 set -eu
 
@@ -326,6 +326,68 @@ op_commit()
     esac
 }
 
+op_stream()
+{
+    case $1 in
+    setup) chain_setup ;;
+    run) "$QSNAP_IMG" stream -q "$W/top.qcow2" ;;
+    after)
+        for l in top mid base; do
+            intact "$W/$l.qcow2" "$2"
+        done
+        same_raw "$W/top.qcow2" "$F/top.raw" || die "$2: top's view changed"
+        same_raw "$W/mid.qcow2" "$F/mid.raw" || die "$2: mid changed"
+        same_raw "$W/base.qcow2" "$F/base.raw" || die "$2: base changed"
+        if [ "$3" = "done" ] && "$QEMU_IMG" info -U "$W/top.qcow2" |
+            grep -q '^backing file:'; then
+            die "$2: top still has a backing file after the stream"
+        fi
+        ;;
+    esac
+}
+
+# Safe rebase of top from mid onto base: top copies what mid held for it.
+op_rebase()
+{
+    case $1 in
+    setup) chain_setup ;;
+    run) "$QSNAP_IMG" rebase -q -b base.qcow2 -F qcow2 "$W/top.qcow2" ;;
+    after)
+        for l in top mid base; do
+            intact "$W/$l.qcow2" "$2"
+        done
+        same_raw "$W/top.qcow2" "$F/top.raw" || die "$2: top's view changed"
+        same_raw "$W/mid.qcow2" "$F/mid.raw" || die "$2: mid changed"
+        same_raw "$W/base.qcow2" "$F/base.raw" || die "$2: base changed"
+        if [ "$3" = "done" ] && ! "$QEMU_IMG" info -U "$W/top.qcow2" |
+            grep -q '^backing file: base.qcow2'; then
+            die "$2: top is not on base after the rebase"
+        fi
+        ;;
+    esac
+}
+
+op_snapshot_rename()
+{
+    case $1 in
+    setup) cp "$F/img.qcow2" "$W/img.qcow2" ;;
+    run) "$QSNAP_IMG" snapshot --rename s1 renamed "$W/img.qcow2" ;;
+    after)
+        intact "$W/img.qcow2" "$2"
+        same_raw "$W/img.qcow2" "$F/live.raw" || die "$2: live disk changed"
+        if has_snapshot "$W/img.qcow2" renamed; then
+            same_raw "$W/img.qcow2" "$F/s1.raw" renamed ||
+                die "$2: the renamed snapshot changed"
+            ! has_snapshot "$W/img.qcow2" s1 || die "$2: s1 is there twice"
+        elif [ "$3" = "done" ]; then
+            die "$2: no snapshot 'renamed' after success"
+        else
+            same_raw "$W/img.qcow2" "$F/s1.raw" s1 || die "$2: s1 changed"
+        fi
+        ;;
+    esac
+}
+
 op_merge()
 {
     case $1 in
@@ -434,7 +496,7 @@ exercise()
 }
 
 for op in write snapshot_create snapshot_apply snapshot_delete \
-    vmstate_save compact resize commit merge; do
+    snapshot_rename vmstate_save compact resize commit stream rebase merge; do
     exercise "$op" write EIO
     exercise "$op" write ENOSPC
     exercise "$op" flush EIO
