@@ -2,7 +2,8 @@
 # fault_ops.sh - every public operation failed at every I/O point in turn.
 #
 # With QSNAP_FAULT=KIND:N:ERR the library fails the Nth write, flush or
-# fallocate of a whole program (qs_fault.h).  Each operation below runs on
+# fallocate of a whole program (qs_fault.h); with powercut:N:SEED the
+# power fails before its Nth modifying call.  Each operation below runs on
 # a fresh copy of its fixture with N = 1, 2, ... until a run gets past
 # every point of that kind.  After each injected failure:
 #   - the command fails, with a message;
@@ -452,7 +453,11 @@ exercise()
         mkdir "$W"
         "op_$op" setup
         rm -f "$T/fault.log"
-        ctx="$op, $kind call $n fails with $err"
+        if [ "$kind" = powercut ]; then
+            ctx="$op, power cut before modifying call $n (seed $err)"
+        else
+            ctx="$op, $kind call $n fails with $err"
+        fi
         rc=0
         QSNAP_FAULT="$kind:$n:$err" QSNAP_FAULT_LOG="$T/fault.log" \
             "op_$op" run >"$T/op.out" 2>&1 || rc=$?
@@ -488,6 +493,8 @@ exercise()
         [ "$n" -gt 1 ] || die "$op: no $kind point reached"
         note "$op: $((n - 1)) $kind points failed with $err, each worked" \
             "around"
+    elif [ "$kind" = powercut ]; then
+        note "$op: $((n - 1)) power cuts (seed $err), each left intact"
     else
         note "$op: $((n - 1)) $kind points failed with $err, each left" \
             "intact"
@@ -500,6 +507,12 @@ for op in write snapshot_create snapshot_apply snapshot_delete \
     exercise "$op" write EIO
     exercise "$op" write ENOSPC
     exercise "$op" flush EIO
+done
+# Power cuts (QSNAP_FAULT=powercut:N:SEED) before each modifying call of
+# the operations that move or free metadata: the file keeps what was
+# flushed and a random part of what was not.
+for op in snapshot_delete vmstate_save compact resize rebase merge; do
+    exercise "$op" powercut "$((QSNAP_SEED % 1000000))"
 done
 exercise create_falloc falloc ENOSPC
 exercise create_falloc write EIO
