@@ -111,7 +111,8 @@ static int set_backing_name(struct qsnap_image *img, const char *name,
         if (ret == 0) {
             ret = qs_io_flush(img->io);
             if (ret < 0) {
-                ret = qs_switch_failed(img, ret);
+                /* The backing file name lies in the first cluster. */
+                ret = qs_switch_failed(img, ret, 0, img->cluster_size);
             }
         }
     }

@@ -148,20 +148,21 @@ int qs_header_switch(struct qsnap_image *img, uint32_t off, const void *data,
     if (ret == 0) {
         ret = qs_io_flush(img->io);
         if (ret < 0) {
-            ret = qs_switch_failed(img, ret);
+            ret = qs_switch_failed(img, ret, off, len);
         }
     }
     return ret;
 }
 
-int qs_switch_failed(struct qsnap_image *img, int err)
+int qs_switch_failed(struct qsnap_image *img, int err, uint32_t off, size_t len)
 {
     img->corrupt = true;
     img->switch_failed = true;
     return qs_error(img, err,
-                    "%s: flushing a header update failed (%s); no further "
-                    "writes until the image is reopened",
-                    img->filename, qsnap_strerror(err));
+                    "%s: flushing header bytes %u..%zu after writing them "
+                    "failed (%s); no further writes until the image is "
+                    "reopened",
+                    img->filename, off, off + len - 1, qsnap_strerror(err));
 }
 
 const char *qs_stop_reason(const struct qsnap_image *img)

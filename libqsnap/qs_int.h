@@ -406,8 +406,10 @@ int qs_header_write_field(struct qsnap_image *img, uint32_t off,
  */
 int qs_header_switch(struct qsnap_image *img, uint32_t off, const void *data,
                      size_t len);
-/* Stops all writes after a failed flush of a header switch; returns err. */
-int qs_switch_failed(struct qsnap_image *img, int err);
+/* Stops all writes after a failed flush of header bytes [off, off + len)
+ * that were written; returns err. */
+int qs_switch_failed(struct qsnap_image *img, int err, uint32_t off,
+                     size_t len);
 /* Why writes are refused once img->corrupt is set, for messages. */
 const char *qs_stop_reason(const struct qsnap_image *img);
 

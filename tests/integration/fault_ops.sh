@@ -327,18 +327,25 @@ op_commit()
     esac
 }
 
+# chain_views_kept CONTEXT: top, mid and base intact, and each still
+# reads as before (the views of stream and rebase, done or not).
+chain_views_kept()
+{
+    for l in top mid base; do
+        intact "$W/$l.qcow2" "$1"
+    done
+    same_raw "$W/top.qcow2" "$F/top.raw" || die "$1: top's view changed"
+    same_raw "$W/mid.qcow2" "$F/mid.raw" || die "$1: mid changed"
+    same_raw "$W/base.qcow2" "$F/base.raw" || die "$1: base changed"
+}
+
 op_stream()
 {
     case $1 in
     setup) chain_setup ;;
     run) "$QSNAP_IMG" stream -q "$W/top.qcow2" ;;
     after)
-        for l in top mid base; do
-            intact "$W/$l.qcow2" "$2"
-        done
-        same_raw "$W/top.qcow2" "$F/top.raw" || die "$2: top's view changed"
-        same_raw "$W/mid.qcow2" "$F/mid.raw" || die "$2: mid changed"
-        same_raw "$W/base.qcow2" "$F/base.raw" || die "$2: base changed"
+        chain_views_kept "$2"
         if [ "$3" = "done" ] && "$QEMU_IMG" info -U "$W/top.qcow2" |
             grep -q '^backing file:'; then
             die "$2: top still has a backing file after the stream"
@@ -354,12 +361,7 @@ op_rebase()
     setup) chain_setup ;;
     run) "$QSNAP_IMG" rebase -q -b base.qcow2 -F qcow2 "$W/top.qcow2" ;;
     after)
-        for l in top mid base; do
-            intact "$W/$l.qcow2" "$2"
-        done
-        same_raw "$W/top.qcow2" "$F/top.raw" || die "$2: top's view changed"
-        same_raw "$W/mid.qcow2" "$F/mid.raw" || die "$2: mid changed"
-        same_raw "$W/base.qcow2" "$F/base.raw" || die "$2: base changed"
+        chain_views_kept "$2"
         if [ "$3" = "done" ] && ! "$QEMU_IMG" info -U "$W/top.qcow2" |
             grep -q '^backing file: base.qcow2'; then
             die "$2: top is not on base after the rebase"
